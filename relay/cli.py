@@ -1,0 +1,112 @@
+"""`outbox-relay`: migrate the schema, run a relay, serve the control plane, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from relay import migrate as migrations
+from relay.config import DatabaseSettings, RelaySettings
+from relay.dburl import redact
+from relay.logs import setup_logging
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+log = logging.getLogger("relay.cli")
+SettingsT = TypeVar("SettingsT", bound=DatabaseSettings)
+
+LogLevel = Annotated[
+    str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING...")
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {redact(message)}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(kind: type[SettingsT]) -> SettingsT:
+    try:
+        return kind()
+    except ValidationError as exc:
+        raise _fail(f"invalid configuration:\n{exc}") from None
+
+
+@app.command()
+def migrate(
+    sql: Annotated[bool, typer.Option("--sql", help="Print the SQL instead of running it.")] = False,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+    downgrade: Annotated[bool, typer.Option("--downgrade", help="Downgrade to --revision.")] = False,
+    partitions: Annotated[
+        int, typer.Option(envvar="OUTBOX_PARTITIONS", help="Partitions (first migration only).")
+    ] = 16,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Upgrade the schema (safe to run from many instances at once)."""
+    setup_logging(log_level)
+    settings = _settings(DatabaseSettings)
+    if sql:
+        sys.stdout.write(migrations.offline_sql(settings, revision, partitions=partitions))
+        return
+    try:
+        if downgrade:
+            reached = migrations.downgrade(settings, revision)
+        else:
+            reached = migrations.upgrade(settings, revision, partitions=partitions)
+    except migrations.MigrationLockTimeout as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
+        raise _fail(
+            f"migration of schema {settings.schema_name!r} failed: {type(exc).__name__}: {exc}", 1
+        ) from None
+    typer.echo(f"schema {settings.schema_name!r} at revision {reached}")
+
+
+@app.command()
+def run(
+    migrate_first: Annotated[
+        bool, typer.Option("--migrate", help="Upgrade the schema before starting.")
+    ] = False,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one relay instance until SIGTERM. All settings come from OUTBOX_* env vars."""
+    settings = _settings(RelaySettings)
+    setup_logging(log_level, instance_id=settings.instance_id)
+    if migrate_first or settings.run_migrations:
+        migrations.upgrade(settings, partitions=settings.partitions)
+    from relay.service import RelayService, SchemaBehindError, run_until_signalled
+
+    try:
+        asyncio.run(run_until_signalled(RelayService(settings)))
+    except SchemaBehindError as exc:
+        raise _fail(str(exc), 3) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds to write events for (0 = until Ctrl-C).")] = 20.0,
+    rate: Annotated[int, typer.Option(help="Events written per second.")] = 500,
+    instances: Annotated[int, typer.Option(help="Relay instances to run.")] = 2,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Start the embedded stack, migrate, run relays and a demo writer, show live progress."""
+    setup_logging(log_level, json_logs=False)
+    from relay.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(duration=duration, rate=rate, instances=instances)))
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

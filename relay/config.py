@@ -1,0 +1,128 @@
+"""Relay configuration, read from `OUTBOX_*` environment variables (see docs/configuration.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class SinkKind(StrEnum):
+    KAFKA = "kafka"
+    REDIS = "redis"
+
+
+class SettleMode(StrEnum):
+    DELETE = "delete"
+    RETAIN = "retain"
+
+
+def default_instance_id() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def validate_schema_name(name: str) -> str:
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"schema name {name!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
+    return name
+
+
+class DatabaseSettings(BaseSettings):
+    """What every command that touches the database needs."""
+
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
+        description="PostgreSQL URL (postgresql://user:password@host:port/db). Never logged.",
+    )
+    schema_name: str = Field("outbox", alias="OUTBOX_SCHEMA", description="Schema holding every relay table.")
+
+    @field_validator("schema_name")
+    @classmethod
+    def _check_schema(cls, value: str) -> str:
+        return validate_schema_name(value)
+
+
+class RelaySettings(DatabaseSettings):
+    """Everything `outbox-relay run` reads. Each field is the env var `OUTBOX_<NAME>`."""
+
+    instance_id: str = Field(
+        default_factory=default_instance_id, description="Defaults to POD_NAME, else hostname:pid."
+    )
+    kafka_bootstrap: str | None = Field(None, description="Kafka bootstrap servers, host:port[,host:port].")
+    redis_url: SecretStr | None = Field(None, description="Redis URL for the Redis Streams sink.")
+    default_sink: SinkKind = Field(SinkKind.KAFKA, description="Sink for topics no route matches.")
+    routes: str = Field("", description="Comma-separated pattern=sink, shell-style, first match wins.")
+
+    batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per batch and partition.")
+    lease_ttl: float = Field(10.0, gt=0.5, description="Seconds a partition lease lives without renewal.")
+    poll_interval: float = Field(1.0, gt=0, description="Seconds between polls when no notification arrives.")
+    listen: bool = Field(
+        True, description="LISTEN for insert notifications; false for poll-only (PgBouncer)."
+    )
+    max_attempts: int = Field(10, ge=1, description="Publish attempts before an event is dead-lettered.")
+    backoff_initial: float = Field(0.5, gt=0, description="First retry delay in seconds.")
+    backoff_max: float = Field(300.0, gt=0, description="Longest retry delay in seconds.")
+    backoff_multiplier: float = Field(2.0, ge=1.0)
+    sink_backoff_max: float = Field(
+        30.0, gt=0, description="Longest pause between retries of an unreachable sink."
+    )
+    publish_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for broker acknowledgement of a batch."
+    )
+    unknown_topic_grace: float = Field(
+        60.0, ge=0, description="Seconds an unknown topic is retried as an outage."
+    )
+    settle_mode: SettleMode = Field(SettleMode.DELETE, description="delete published rows, or retain them.")
+    retention: float = Field(3600.0, ge=0, description="Seconds published rows are kept in retain mode.")
+    cleanup_batch_size: int = Field(1000, ge=1)
+    max_payload_bytes: int = Field(1_000_000, ge=1, description="Larger events are dead-lettered at once.")
+    dlq_publish: bool = Field(False, description="Also publish dead letters to '<topic>.dlq'.")
+    partitions: int = Field(16, ge=1, le=4096, description="Partition count; set at first migration.")
+    run_migrations: bool = Field(False, description="Migrate to head at start (`run --migrate`).")
+    pool_size: int = Field(24, ge=2, description="Most database connections this instance opens.")
+    statement_cache_size: int = Field(100, ge=0, description="0 behind PgBouncer transaction pooling < 1.21.")
+    shutdown_grace: float = Field(20.0, gt=0, description="Seconds in-flight batches get on SIGTERM.")
+
+    kafka_acks: str = Field("all")
+    kafka_compression: str | None = Field(None, description="gzip, snappy, lz4, zstd or unset.")
+    kafka_linger_ms: int = Field(5, ge=0)
+    kafka_max_request_size: int = Field(1_048_576, ge=1024)
+    kafka_idempotence: bool = Field(False, description="Idempotent producer (the embedded broker lacks it).")
+    kafka_security_protocol: str = Field("PLAINTEXT")
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+
+    redis_maxlen: int | None = Field(None, ge=1, description="Approximate MAXLEN trimming per stream.")
+    redis_shards: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="topic=N,... shards a topic over streams 'topic:0'..'topic:N-1' by key.",
+    )
+
+    control_addr: str | None = Field(None, description="Serve the gRPC control plane here inside `run`.")
+    metrics_addr: str | None = Field(None, description="Serve /metrics, /healthz, /readyz here.")
+
+    @field_validator("redis_shards", mode="before")
+    @classmethod
+    def _parse_shards(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        shards: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            topic, sep, count = item.partition("=")
+            if not sep or not count.isdigit() or int(count) < 1:
+                raise ValueError(f"OUTBOX_REDIS_SHARDS item {item!r} must be topic=N with N >= 1")
+            shards[topic.strip()] = int(count)
+        return shards

@@ -1,0 +1,176 @@
+"""`outbox-relay demo`: the whole system on one machine, with live progress.
+
+Starts the embedded stack, migrates, runs relay instances (orders.* -> Kafka, notify.* -> Redis),
+writes demo events in real committed transactions, and shows the flow until everything is published."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from pydantic import SecretStr
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from clients.writer import OutboxEvent, aenqueue_many
+from relay import migrate
+from relay.config import RelaySettings
+from relay.embedded import EmbeddedStack
+from relay.service import RelayService
+
+log = logging.getLogger(__name__)
+SCHEMA = "outbox"
+
+
+@dataclass
+class Progress:
+    written: int = 0
+    pending: int = 0
+    oldest_age: float = 0.0
+    dead_letters: int = 0
+    started: float = 0.0
+
+    @property
+    def published(self) -> int:
+        return self.written - self.pending - self.dead_letters
+
+
+def relay_settings(stack_urls: tuple[str, str, str], instance: int) -> RelaySettings:
+    database_url, kafka, redis_url = stack_urls
+    return RelaySettings(
+        database_url=SecretStr(database_url),
+        schema_name=SCHEMA,
+        instance_id=f"demo-relay-{instance}",
+        kafka_bootstrap=kafka,
+        redis_url=SecretStr(redis_url),
+        routes="orders.*=kafka,notify.*=redis",
+        lease_ttl=5.0,
+        shutdown_grace=5.0,
+    )
+
+
+async def write_events(pool: asyncpg.Pool, progress: Progress, rate: int, stop: asyncio.Event) -> None:
+    """Each tick commits one transaction holding a business row's worth of events."""
+    tick = 0.05
+    per_tick = max(1, int(rate * tick))
+    counter = itertools.count()
+    while not stop.is_set():
+        started = time.monotonic()
+        events = []
+        for _ in range(per_tick):
+            n = next(counter)
+            topic = "orders.created" if n % 3 else "notify.email"
+            key = f"customer-{random.randrange(200)}"
+            events.append(OutboxEvent(topic=topic, key=key, payload={"n": n, "customer": key}))
+        async with pool.acquire() as conn, conn.transaction():
+            await aenqueue_many(conn, events, schema=SCHEMA)
+        progress.written += len(events)
+        await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
+
+
+async def observe(pool: asyncpg.Pool, progress: Progress) -> list[tuple[str, str, str]]:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            f"SELECT (SELECT count(*) FROM {SCHEMA}.outbox) AS pending,"
+            f" (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM {SCHEMA}.outbox) AS age,"
+            f" (SELECT count(*) FROM {SCHEMA}.dead_letter_archive) AS dead"
+        )
+        leases = await conn.fetch(
+            f"SELECT holder, count(*) FILTER (WHERE name LIKE 'partition:%') AS partitions,"
+            f" bool_or(name = 'leader') AS leader FROM {SCHEMA}.distributed_locks"
+            " WHERE holder IS NOT NULL AND expires_at > now() GROUP BY holder ORDER BY holder"
+        )
+    progress.pending, progress.oldest_age, progress.dead_letters = row["pending"], row["age"], row["dead"]
+    return [(r["holder"], str(r["partitions"]), "yes" if r["leader"] else "") for r in leases]
+
+
+def render(progress: Progress, holders: list[tuple[str, str, str]], phase: str) -> Group:
+    elapsed = max(time.monotonic() - progress.started, 1e-9)
+    flow = Table(title=f"Outbox Relay demo: {phase}", show_header=True)
+    for column in ("elapsed", "written", "published", "pending", "oldest pending", "dead letters", "rate"):
+        flow.add_column(column, justify="right")
+    flow.add_row(
+        f"{elapsed:.0f}s",
+        f"{progress.written:,}",
+        f"{progress.published:,}",
+        f"{progress.pending:,}",
+        f"{progress.oldest_age * 1000:.0f} ms",
+        f"{progress.dead_letters:,}",
+        f"{progress.published / elapsed:,.0f}/s",
+    )
+    leases = Table(title="Leases (distributed_locks)")
+    for column in ("instance", "partitions", "leader"):
+        leases.add_column(column)
+    for holder in holders:
+        leases.add_row(*holder)
+    return Group(flow, leases)
+
+
+async def run_demo(duration: float, rate: int, instances: int) -> int:
+    console = Console()
+    with EmbeddedStack() as stack:
+        console.print("[bold]Starting PostgreSQL, the Kafka-API broker and Redis...[/]")
+        urls = stack.start()
+        settings = relay_settings((urls.database_url, urls.kafka_bootstrap, urls.redis_url), 0)
+        await asyncio.to_thread(migrate.upgrade, settings)
+        console.print(
+            f"Schema {SCHEMA!r} migrated. Kafka at {urls.kafka_bootstrap}, Redis at {urls.redis_url}."
+        )
+        relays = [
+            RelayService(relay_settings((urls.database_url, urls.kafka_bootstrap, urls.redis_url), i))
+            for i in range(instances)
+        ]
+        for relay in relays:
+            await relay.start()
+        pool = await asyncpg.create_pool(urls.database_url, min_size=1, max_size=4)
+        progress = Progress(started=time.monotonic())
+        stop_writing = asyncio.Event()
+        writer = asyncio.create_task(write_events(pool, progress, rate, stop_writing))
+        try:
+            ok = await _show(console, pool, progress, duration, stop_writing)
+        finally:
+            stop_writing.set()
+            with contextlib.suppress(Exception):
+                await writer
+            for relay in relays:
+                await relay.stop()
+            await pool.close()
+    summary = {
+        "written": progress.written,
+        "published": progress.published,
+        "dead_letters": progress.dead_letters,
+    }
+    console.print(json.dumps(summary))
+    console.print("[green]All events published.[/]" if ok else "[red]Some events were not published.[/]")
+    return 0 if ok else 1
+
+
+async def _show(
+    console: Console, pool: asyncpg.Pool, progress: Progress, duration: float, stop: asyncio.Event
+) -> bool:
+    deadline = time.monotonic() + duration if duration > 0 else float("inf")
+    with Live(console=console, refresh_per_second=4) as live:
+        try:
+            while time.monotonic() < deadline:
+                live.update(render(progress, await observe(pool, progress), "writing"))
+                await asyncio.sleep(0.5)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            pass
+        stop.set()
+        drain_deadline = time.monotonic() + 30
+        while time.monotonic() < drain_deadline:
+            holders = await observe(pool, progress)
+            live.update(render(progress, holders, "draining"))
+            if progress.pending == 0:
+                live.update(render(progress, holders, "done"))
+                return True
+            await asyncio.sleep(0.5)
+    return False

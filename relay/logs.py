@@ -1,0 +1,68 @@
+"""Structured logs: one JSON object per line when not on a terminal, with secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.dburl import redact
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+_SECRET_WORDS = ("password", "token", "secret")
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: "***" if any(word in key.lower() for word in _SECRET_WORDS) else value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, static: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self._static = static or {}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage()),
+            **self._static,
+            **_extras(record),
+        }
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+class ConsoleFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = redact(super().format(record))
+        extras = _extras(record)
+        if extras:
+            line += "  " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return line
+
+
+def setup_logging(
+    level: str = "INFO", *, instance_id: str | None = None, json_logs: bool | None = None
+) -> None:
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
+    handler = logging.StreamHandler(sys.stderr)
+    static = {"instance": instance_id} if instance_id else {}
+    handler.setFormatter(JsonFormatter(static) if json_logs else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiokafka", "kafka", "alembic.runtime.migration", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

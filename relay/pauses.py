@@ -1,0 +1,68 @@
+"""Pause state, written by the control plane into the pauses table and obeyed here."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+from collections.abc import Callable
+
+from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+
+log = logging.getLogger(__name__)
+
+
+def glob_to_like(pattern: str) -> str:
+    """Shell-style `*` and `?` become SQL LIKE `%` and `_`; LIKE's own wildcards are escaped."""
+    out = []
+    for char in pattern:
+        if char in "%_\\":
+            out.append("\\" + char)
+        elif char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+class PauseState:
+    """The current pauses, refreshed by polling (cheap: one indexed read every interval)."""
+
+    def __init__(self, store: RelayStore, interval: float = 0.5, on_change: Callable[[], None] | None = None):
+        self._store = store
+        self._interval = interval
+        self._on_change = on_change
+        self._patterns: tuple[str, ...] = ()
+        self.like_patterns: tuple[str, ...] = ()
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self._patterns
+
+    @property
+    def globally_paused(self) -> bool:
+        return "*" in self._patterns
+
+    def is_paused(self, topic: str) -> bool:
+        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self._patterns)
+
+    async def refresh(self) -> None:
+        patterns = tuple(sorted(await self._store.active_pause_patterns()))
+        if patterns != self._patterns:
+            added = set(patterns) - set(self._patterns)
+            removed = set(self._patterns) - set(patterns)
+            self._patterns = patterns
+            self.like_patterns = tuple(glob_to_like(p) for p in patterns)
+            log.info("pauses changed", extra={"paused": sorted(added), "resumed": sorted(removed)})
+            if self._on_change is not None:
+                self._on_change()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("could not read pauses: %s", exc)
+            await asyncio.sleep(self._interval)

@@ -1,0 +1,178 @@
+"""Kafka sink (aiokafka): key = row key, value = payload, headers = row headers + message-id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    NotEnoughReplicasError,
+    NotLeaderForPartitionError,
+    RecordListTooLargeError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.helpers import create_ssl_context
+
+from relay.config import RelaySettings
+from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
+from relay.sinks.base import MESSAGE_ID_HEADER
+
+log = logging.getLogger(__name__)
+
+_OUTAGE = (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    NotLeaderForPartitionError,
+    NotEnoughReplicasError,
+)
+_REJECTED = {
+    MessageSizeTooLargeError: "record_too_large",
+    RecordListTooLargeError: "record_too_large",
+    InvalidTopicError: "invalid_topic",
+    TopicAuthorizationFailedError: "topic_not_authorized",
+}
+
+
+def kafka_headers(row: OutboxRow) -> list[tuple[str, bytes]]:
+    headers = [(name, value.encode()) for name, value in row.headers.items() if name != MESSAGE_ID_HEADER]
+    headers.append((MESSAGE_ID_HEADER, str(row.message_id).encode()))
+    return headers
+
+
+class KafkaSink:
+    name = "kafka"
+
+    def __init__(self, settings: RelaySettings) -> None:
+        if not settings.kafka_bootstrap:
+            raise ValueError("OUTBOX_KAFKA_BOOTSTRAP is required when a topic routes to Kafka")
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._unknown_since: dict[str, float] = {}
+
+    def _producer_options(self) -> dict[str, Any]:
+        s = self._settings
+        options: dict[str, Any] = {
+            "bootstrap_servers": s.kafka_bootstrap,
+            "client_id": f"outbox-relay-{s.instance_id}",
+            "acks": "all" if s.kafka_acks == "all" else int(s.kafka_acks),
+            "compression_type": s.kafka_compression,
+            "linger_ms": s.kafka_linger_ms,
+            "max_request_size": s.kafka_max_request_size,
+            "max_batch_size": min(s.kafka_max_request_size, 1_048_576),
+            "enable_idempotence": s.kafka_idempotence,
+            "request_timeout_ms": int(min(s.publish_timeout, 30.0) * 1000),
+            "security_protocol": s.kafka_security_protocol,
+        }
+        if s.kafka_sasl_mechanism:
+            options["sasl_mechanism"] = s.kafka_sasl_mechanism
+            options["sasl_plain_username"] = s.kafka_sasl_username
+            if s.kafka_sasl_password is not None:
+                options["sasl_plain_password"] = s.kafka_sasl_password.get_secret_value()
+        if "SSL" in s.kafka_security_protocol:
+            options["ssl_context"] = create_ssl_context(
+                cafile=s.kafka_ssl_cafile, certfile=s.kafka_ssl_certfile, keyfile=s.kafka_ssl_keyfile
+            )
+        return options
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(**self._producer_options())
+        # Retry the first connection: a relay started before its broker should wait, not crash.
+        delay = 0.2
+        while True:
+            try:
+                await producer.start()
+                break
+            except KafkaConnectionError as exc:
+                log.warning("kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.sink_backoff_max)
+        self._producer = producer
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    def is_connected(self) -> bool:
+        producer = self._producer
+        return producer is not None and bool(producer.client.cluster.brokers())
+
+    async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("KafkaSink.publish before start")
+        results: list[PublishResult | None] = [None] * len(rows)
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        for index, row in enumerate(rows):
+            try:
+                future = await producer.send(
+                    row.topic,
+                    value=row.payload,
+                    key=None if row.key is None else row.key.encode(),
+                    headers=kafka_headers(row),
+                )
+            except Exception as exc:  # classified below, per event
+                results[index] = self._classify(row, exc)
+            else:
+                pending.append((index, future))
+        acks = await asyncio.gather(*(future for _, future in pending), return_exceptions=True)
+        for (index, _), ack in zip(pending, acks, strict=True):
+            results[index] = self._classify(rows[index], ack) if isinstance(ack, BaseException) else PUBLISHED
+            if results[index] is PUBLISHED:
+                self._unknown_since.pop(rows[index].topic, None)
+        return [result or PUBLISHED for result in results]
+
+    def _classify(self, row: OutboxRow, exc: BaseException) -> PublishResult:
+        detail = f"{type(exc).__name__}: {exc}"
+        for kind, reason in _REJECTED.items():
+            if isinstance(exc, kind):
+                return PublishResult(Outcome.REJECT, reason, detail)
+        if isinstance(exc, UnknownTopicOrPartitionError) or self._looks_like_unknown_topic(row.topic, exc):
+            first = self._unknown_since.setdefault(row.topic, time.monotonic())
+            if time.monotonic() - first >= self._settings.unknown_topic_grace:
+                return PublishResult(Outcome.REJECT, "unknown_topic", detail)
+            return PublishResult(Outcome.UNAVAILABLE, "unknown_topic", detail)
+        if isinstance(exc, _OUTAGE):
+            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", detail)
+        if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
+            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", detail)
+        return PublishResult(Outcome.RETRY, "publish_failed", detail)
+
+    def _looks_like_unknown_topic(self, topic: str, exc: BaseException) -> bool:
+        """A metadata timeout while brokers answer means the topic itself is missing."""
+        producer = self._producer
+        return (
+            isinstance(exc, KafkaTimeoutError)
+            and producer is not None
+            and bool(producer.client.cluster.brokers())
+            and topic not in producer.client.cluster.topics()
+            and not producer.client.cluster.unauthorized_topics
+        )
+
+    async def publish_dead_letter(self, row: OutboxRow, reason: str) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        headers = [*kafka_headers(row), ("dead-letter-reason", reason.encode())]
+        await producer.send_and_wait(
+            f"{row.topic}.dlq",
+            value=row.payload,
+            key=None if row.key is None else row.key.encode(),
+            headers=headers,
+        )

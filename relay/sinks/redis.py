@@ -1,0 +1,108 @@
+"""Redis Streams sink: XADD to the stream named by the topic (optionally sharded by key)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from relay.config import RelaySettings
+from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
+from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def stream_name(row: OutboxRow, shards: dict[str, int]) -> str:
+    count = shards.get(row.topic)
+    if not count:
+        return row.topic
+    shard_by = row.key if row.key is not None else str(row.message_id)
+    return f"{row.topic}:{zlib.crc32(shard_by.encode()) % count}"
+
+
+def stream_fields(row: OutboxRow) -> dict[str, bytes | str]:
+    fields: dict[str, bytes | str] = {
+        MESSAGE_ID_HEADER: str(row.message_id),
+        "payload": row.payload,
+        "headers": json.dumps(row.headers, separators=(",", ":")),
+    }
+    if row.key is not None:
+        fields["key"] = row.key
+    if "traceparent" in row.headers:
+        fields["traceparent"] = row.headers["traceparent"]
+    return fields
+
+
+class RedisSink:
+    name = "redis"
+
+    def __init__(self, settings: RelaySettings) -> None:
+        if settings.redis_url is None:
+            raise ValueError("OUTBOX_REDIS_URL is required when a topic routes to Redis")
+        self._settings = settings
+        self._client: aioredis.Redis | None = None
+        self._connected = False
+
+    async def start(self) -> None:
+        if self._client is None:
+            assert self._settings.redis_url is not None
+            self._client = aioredis.from_url(
+                self._settings.redis_url.get_secret_value(),
+                socket_timeout=self._settings.publish_timeout,
+                socket_connect_timeout=5,
+                health_check_interval=10,
+            )
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def is_connected(self) -> bool:
+        return self._client is not None and self._connected
+
+    async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
+        client = self._client
+        if client is None:
+            raise RuntimeError("RedisSink.publish before start")
+        pipe = client.pipeline(transaction=False)
+        for row in rows:
+            self._xadd(pipe, row, stream_name(row, self._settings.redis_shards), stream_fields(row))
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._connected = False
+            raise SinkUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
+        self._connected = True
+        return [self._classify(reply) for reply in replies]
+
+    def _xadd(self, pipe: Any, row: OutboxRow, stream: str, fields: dict[str, bytes | str]) -> None:
+        maxlen = self._settings.redis_maxlen
+        if maxlen:
+            pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+        else:
+            pipe.xadd(stream, fields)
+
+    @staticmethod
+    def _classify(reply: object) -> PublishResult:
+        if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", str(reply))
+        if isinstance(reply, ResponseError):
+            return PublishResult(Outcome.RETRY, "publish_failed", f"ResponseError: {reply}")
+        if isinstance(reply, Exception):
+            return PublishResult(Outcome.RETRY, "publish_failed", f"{type(reply).__name__}: {reply}")
+        return PUBLISHED
+
+    async def publish_dead_letter(self, row: OutboxRow, reason: str) -> None:
+        if self._client is None:
+            return
+        fields = stream_fields(row) | {"dead-letter-reason": reason}
+        await self._client.xadd(f"{row.topic}.dlq", fields)  # type: ignore[arg-type]

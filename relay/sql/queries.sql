@@ -1,0 +1,167 @@
+-- Every statement Outbox Relay runs at run time, in one place.
+-- Blocks are named by a "-- name --" line. {schema} is replaced by the quoted schema name.
+-- Lease checks ("fencing") sit in the same statement as the write they guard.
+
+-- claim_batch --
+-- The oldest publishable rows of one partition, in id order. A (topic, key) whose earliest
+-- row waits for a retry holds back its later rows; paused topics are left alone.
+WITH blocked AS (
+    SELECT topic, key, min(id) AS first_id
+    FROM {schema}.outbox
+    WHERE partition = $1 AND published_at IS NULL AND next_attempt_at > now() AND key IS NOT NULL
+    GROUP BY topic, key
+)
+SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.headers::text AS headers,
+       o.created_at, o.attempts, o.first_attempt_at
+FROM {schema}.outbox o
+WHERE o.partition = $1
+  AND o.published_at IS NULL
+  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+  AND NOT (o.topic LIKE ANY ($3::text[]))
+  AND NOT EXISTS (
+      SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
+  AND EXISTS (
+      SELECT 1 FROM {schema}.distributed_locks l
+      WHERE l.name = $4 AND l.holder = $5 AND l.token = $6 AND l.expires_at > now())
+ORDER BY o.id
+LIMIT $2
+FOR UPDATE OF o SKIP LOCKED;
+
+-- next_retry_delay --
+-- Seconds until the earliest retry of a partition is due (NULL when nothing waits).
+SELECT greatest(extract(epoch FROM min(next_attempt_at) - now()), 0)::float8
+FROM {schema}.outbox
+WHERE partition = $1 AND published_at IS NULL AND next_attempt_at > now();
+
+-- settle_delete --
+DELETE FROM {schema}.outbox o
+WHERE o.id = ANY ($1::bigint[])
+  AND EXISTS (
+      SELECT 1 FROM {schema}.distributed_locks l
+      WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+
+-- settle_retain --
+UPDATE {schema}.outbox o
+SET published_at = now()
+WHERE o.id = ANY ($1::bigint[])
+  AND EXISTS (
+      SELECT 1 FROM {schema}.distributed_locks l
+      WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+
+-- record_failures --
+-- $5: per-row delay in seconds before the next attempt; $6: per-row error text.
+UPDATE {schema}.outbox o
+SET attempts = o.attempts + 1,
+    next_attempt_at = now() + make_interval(secs => f.delay),
+    last_error = f.error,
+    first_attempt_at = coalesce(o.first_attempt_at, now()),
+    last_attempt_at = now()
+FROM unnest($1::bigint[], $5::float8[], $6::text[]) AS f(id, delay, error)
+WHERE o.id = f.id
+  AND EXISTS (
+      SELECT 1 FROM {schema}.distributed_locks l
+      WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+
+-- dead_letter --
+-- Moves rows to the archive in one statement: an event is in exactly one of the two tables.
+WITH moved AS (
+    DELETE FROM {schema}.outbox o
+    USING unnest($1::bigint[], $5::text[], $6::text[]) AS f(id, reason, error)
+    WHERE o.id = f.id
+      AND EXISTS (
+          SELECT 1 FROM {schema}.distributed_locks l
+          WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now())
+    RETURNING o.*, f.reason, f.error
+)
+INSERT INTO {schema}.dead_letter_archive
+    (outbox_id, message_id, topic, key, payload, headers, created_at, attempts, reason, last_error,
+     first_attempt_at, last_attempt_at, archived_by)
+SELECT id, message_id, topic, key, payload, headers, created_at, attempts + 1, reason, error,
+       coalesce(first_attempt_at, now()), now(), $3
+FROM moved
+RETURNING id, outbox_id, reason;
+
+-- lease_acquire --
+-- Takes a free or expired lease; the fencing token grows on every change of hands.
+INSERT INTO {schema}.distributed_locks AS l (name, holder, token, acquired_at, renewed_at, expires_at)
+VALUES ($1, $2, 1, now(), now(), now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE
+SET holder = excluded.holder, token = l.token + 1, acquired_at = now(), renewed_at = now(),
+    expires_at = excluded.expires_at
+WHERE l.holder IS NULL OR l.expires_at <= now()
+RETURNING l.token;
+
+-- lease_renew --
+-- Extends every lease still held; the names not returned were lost.
+UPDATE {schema}.distributed_locks l
+SET expires_at = now() + make_interval(secs => $4), renewed_at = now()
+FROM unnest($1::text[], $2::bigint[]) AS h(name, token)
+WHERE l.name = h.name AND l.token = h.token AND l.holder = $3 AND l.expires_at > now()
+RETURNING l.name;
+
+-- lease_release --
+UPDATE {schema}.distributed_locks l
+SET holder = NULL, expires_at = now()
+FROM unnest($1::text[], $2::bigint[]) AS h(name, token)
+WHERE l.name = h.name AND l.token = h.token AND l.holder = $3;
+
+-- lease_claimable --
+-- Partition leases nobody holds (never taken, released or expired).
+SELECT p AS partition
+FROM generate_series(0, $1 - 1) AS p
+LEFT JOIN {schema}.distributed_locks l ON l.name = 'partition:' || p
+WHERE l.name IS NULL OR l.holder IS NULL OR l.expires_at <= now()
+ORDER BY p;
+
+-- instance_heartbeat --
+-- Registers or refreshes this instance and returns how many instances are alive.
+WITH beat AS (
+    INSERT INTO {schema}.relay_instances AS i
+        (instance_id, hostname, pid, version, started_at, heartbeat_at, partitions)
+    VALUES ($1, $2, $3, $4, now(), now(), $5::int[])
+    ON CONFLICT (instance_id) DO UPDATE
+    SET heartbeat_at = now(), partitions = excluded.partitions, stopped_at = NULL,
+        started_at = CASE WHEN i.stopped_at IS NULL THEN i.started_at ELSE now() END
+    RETURNING instance_id
+)
+SELECT 1 + count(*)::int
+FROM {schema}.relay_instances
+WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $6) AND instance_id <> $1;
+
+-- instance_stopped --
+UPDATE {schema}.relay_instances SET stopped_at = now(), partitions = '{}' WHERE instance_id = $1;
+
+-- pauses_active --
+SELECT topic_pattern FROM {schema}.pauses WHERE expires_at IS NULL OR expires_at > now();
+
+-- partition_count --
+SELECT value::int FROM {schema}.relay_settings WHERE name = 'partitions';
+
+-- schema_revision --
+SELECT version_num FROM {schema}.alembic_version;
+
+-- cleanup_published --
+DELETE FROM {schema}.outbox
+WHERE id IN (
+    SELECT id FROM {schema}.outbox
+    WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1)
+    ORDER BY id
+    LIMIT $2);
+
+-- cleanup_expired_pauses --
+DELETE FROM {schema}.pauses WHERE expires_at IS NOT NULL AND expires_at <= now() - interval '1 day';
+
+-- cleanup_instances --
+DELETE FROM {schema}.relay_instances
+WHERE heartbeat_at < now() - interval '1 day';
+
+-- backlog_by_topic --
+SELECT topic, count(*)::bigint AS pending,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age
+FROM {schema}.outbox
+WHERE published_at IS NULL
+GROUP BY topic
+ORDER BY topic;
+
+-- dead_letter_count --
+SELECT count(*)::bigint FROM {schema}.dead_letter_archive;

@@ -1,0 +1,211 @@
+"""The relay's only door to PostgreSQL: every statement comes from relay/sql by name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from relay import __version__
+from relay.dburl import plain_postgres_url, redact
+from relay.events import OutboxRow
+from relay.sql import queries
+
+log = logging.getLogger(__name__)
+
+# Lost connections, restarts and failovers: worth retrying, never worth crashing over.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The lease a write is conditional on: it succeeds only while this lease is still ours."""
+
+    lease_name: str
+    holder: str
+    token: int
+
+    @property
+    def args(self) -> tuple[str, str, int]:
+        return self.lease_name, self.holder, self.token
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    archive_id: int
+    outbox_id: int
+    reason: str
+
+
+class RelayStore:
+    def __init__(
+        self, database_url: str, schema: str, *, pool_size: int = 20, statement_cache_size: int = 100
+    ):
+        self._url = plain_postgres_url(database_url)
+        self.schema = schema
+        self._q = queries(schema)
+        self._pool_size = pool_size
+        # 0 disables named prepared statements, for PgBouncer in transaction mode before 1.21.
+        self._statement_cache_size = statement_cache_size
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def redacted_url(self) -> str:
+        return redact(self._url)
+
+    async def open(self) -> None:
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=1,
+                max_size=self._pool_size,
+                statement_cache_size=self._statement_cache_size,
+                command_timeout=30,
+                server_settings={"application_name": "outbox-relay"},
+            )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("RelayStore used before open()")
+        return self._pool
+
+    async def connect_listener(self) -> asyncpg.Connection:
+        """A dedicated session for LISTEN (never a pooled one)."""
+        return await asyncpg.connect(self._url, statement_cache_size=0)
+
+    # -- the relay path: claim, settle, fail ------------------------------------------------
+
+    async def claim_batch(
+        self, partition: int, limit: int, paused_like: Sequence[str], fence: Fence
+    ) -> list[OutboxRow]:
+        records = await self.pool.fetch(
+            self._q["claim_batch"], partition, limit, list(paused_like), *fence.args
+        )
+        return [OutboxRow.from_record(r) for r in records]
+
+    async def next_retry_delay(self, partition: int) -> float | None:
+        value = await self.pool.fetchval(self._q["next_retry_delay"], partition)
+        return None if value is None else float(value)
+
+    async def settle(self, ids: Sequence[int], fence: Fence, *, retain: bool) -> int:
+        """Marks published rows done; returns how many were settled (fewer means the lease was lost)."""
+        if not ids:
+            return 0
+        statement = self._q["settle_retain" if retain else "settle_delete"]
+        status = await self.pool.execute(statement, list(ids), *fence.args)
+        return _affected(status)
+
+    async def record_failures(
+        self, ids: Sequence[int], delays: Sequence[float], errors: Sequence[str], fence: Fence
+    ) -> int:
+        if not ids:
+            return 0
+        status = await self.pool.execute(
+            self._q["record_failures"], list(ids), *fence.args, list(delays), [e[:2000] for e in errors]
+        )
+        return _affected(status)
+
+    async def dead_letter(
+        self, ids: Sequence[int], reasons: Sequence[str], errors: Sequence[str], fence: Fence
+    ) -> list[DeadLettered]:
+        if not ids:
+            return []
+        records = await self.pool.fetch(
+            self._q["dead_letter"], list(ids), *fence.args, list(reasons), [e[:2000] for e in errors]
+        )
+        return [DeadLettered(r["id"], r["outbox_id"], r["reason"]) for r in records]
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """The new fencing token, or None when someone else holds the lease."""
+        token = await self.pool.fetchval(self._q["lease_acquire"], name, holder, ttl)
+        return None if token is None else int(token)
+
+    async def renew_leases(
+        self, names: Sequence[str], tokens: Sequence[int], holder: str, ttl: float
+    ) -> set[str]:
+        if not names:
+            return set()
+        records = await self.pool.fetch(self._q["lease_renew"], list(names), list(tokens), holder, ttl)
+        return {r["name"] for r in records}
+
+    async def release_leases(self, names: Sequence[str], tokens: Sequence[int], holder: str) -> None:
+        if names:
+            await self.pool.execute(self._q["lease_release"], list(names), list(tokens), holder)
+
+    async def claimable_partitions(self, partitions: int) -> list[int]:
+        return [r["partition"] for r in await self.pool.fetch(self._q["lease_claimable"], partitions)]
+
+    # -- instances, pauses, settings ---------------------------------------------------------
+
+    async def heartbeat(self, instance_id: str, partitions: Sequence[int], liveness: float) -> int:
+        """Refreshes this instance; returns the number of live instances, this one included."""
+        count = await self.pool.fetchval(
+            self._q["instance_heartbeat"],
+            instance_id,
+            socket.gethostname(),
+            os.getpid(),
+            __version__,
+            sorted(partitions),
+            liveness,
+        )
+        return int(count)
+
+    async def mark_stopped(self, instance_id: str) -> None:
+        await self.pool.execute(self._q["instance_stopped"], instance_id)
+
+    async def active_pause_patterns(self) -> list[str]:
+        return [r["topic_pattern"] for r in await self.pool.fetch(self._q["pauses_active"])]
+
+    async def partition_count(self) -> int:
+        return int(await self.pool.fetchval(self._q["partition_count"]))
+
+    async def schema_revision(self) -> str | None:
+        try:
+            value = await self.pool.fetchval(self._q["schema_revision"])
+        except asyncpg.UndefinedTableError:
+            return None
+        return None if value is None else str(value)
+
+    # -- maintenance (leader only) -------------------------------------------------------------
+
+    async def cleanup_published(self, retention: float, batch: int) -> int:
+        return _affected(await self.pool.execute(self._q["cleanup_published"], retention, batch))
+
+    async def cleanup_housekeeping(self) -> None:
+        await self.pool.execute(self._q["cleanup_expired_pauses"])
+        await self.pool.execute(self._q["cleanup_instances"])
+
+    async def backlog_by_topic(self) -> list[tuple[str, int, float]]:
+        records = await self.pool.fetch(self._q["backlog_by_topic"])
+        return [(r["topic"], r["pending"], r["oldest_age"]) for r in records]
+
+    async def dead_letter_count(self) -> int:
+        return int(await self.pool.fetchval(self._q["dead_letter_count"]))
+
+
+def _affected(status: str) -> int:
+    """'DELETE 12' / 'UPDATE 3' -> 12 / 3."""
+    return int(status.rsplit(" ", 1)[-1])

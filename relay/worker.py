@@ -1,0 +1,272 @@
+"""One partition's loop: claim in id order, publish, wait for acknowledgement, settle.
+
+A partition has at most one worker fleet-wide (its lease), and that worker runs one batch at a
+time, so per-key order within the partition follows from id order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from relay.config import RelaySettings
+from relay.events import OutboxRow, Outcome, PublishResult
+from relay.leases import Lease
+from relay.pauses import PauseState
+from relay.retry import RetryPolicy, SinkBackoff
+from relay.sinks.router import Router
+from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+from relay.telemetry import RelayMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """What to do with a claimed batch before anything is sent."""
+
+    send: list[OutboxRow] = field(default_factory=list)
+    reject: list[tuple[OutboxRow, PublishResult]] = field(default_factory=list)
+    held: list[OutboxRow] = field(default_factory=list)
+
+
+def plan_batch(rows: Sequence[OutboxRow], max_payload_bytes: int) -> BatchPlan:
+    """A retried event goes alone for its key: the key's later events in the batch wait for it."""
+    plan = BatchPlan()
+    waiting: set[tuple[str, str]] = set()
+    for row in rows:
+        key = row.ordering_key
+        if key is not None and key in waiting:
+            plan.held.append(row)
+        elif len(row.payload) > max_payload_bytes:
+            plan.reject.append(
+                (
+                    row,
+                    PublishResult(
+                        Outcome.REJECT,
+                        "payload_too_large",
+                        f"payload is {len(row.payload)} bytes, over OUTBOX_MAX_PAYLOAD_BYTES={max_payload_bytes}",
+                    ),
+                )
+            )
+        else:
+            plan.send.append(row)
+            if key is not None and row.attempts > 0:
+                waiting.add(key)
+    return plan
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What the store must record after a publish."""
+
+    published: list[OutboxRow] = field(default_factory=list)
+    retry: list[tuple[OutboxRow, float, str]] = field(default_factory=list)
+    dead: list[tuple[OutboxRow, str, str]] = field(default_factory=list)
+    unavailable: int = 0
+
+
+def settle_plan(
+    sent: Sequence[OutboxRow], results: Sequence[PublishResult], policy: RetryPolicy
+) -> Settlement:
+    """Per result: settle, schedule a retry, or archive. After a failure, the same key's later
+    events are left untouched (no attempt counted) so they stay behind it."""
+    out = Settlement()
+    failed_keys: set[tuple[str, str]] = set()
+    for row, result in zip(sent, results, strict=True):
+        key = row.ordering_key
+        if result.ok:
+            out.published.append(row)
+            continue
+        if key is not None and key in failed_keys:
+            continue
+        if key is not None:
+            failed_keys.add(key)
+        if result.outcome is Outcome.UNAVAILABLE:
+            out.unavailable += 1
+        elif result.outcome is Outcome.REJECT:
+            out.dead.append((row, result.reason, result.error))
+        elif policy.exhausted(row.attempts):
+            out.dead.append((row, "max_attempts", f"{result.reason}: {result.error}"))
+        else:
+            out.retry.append(
+                (row, policy.backoff.delay(row.attempts + 1), f"{result.reason}: {result.error}")
+            )
+    return out
+
+
+@dataclass
+class WorkerContext:
+    settings: RelaySettings
+    store: RelayStore
+    router: Router
+    pauses: PauseState
+    policy: RetryPolicy
+    metrics: RelayMetrics
+    sink_backoff: SinkBackoff
+    lease_lost: Callable[[int], None]
+
+
+class PartitionWorker:
+    def __init__(self, partition: int, lease: Lease, ctx: WorkerContext) -> None:
+        self.partition = partition
+        self.lease = lease
+        self._ctx = ctx
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._next_retry_at: float | None = None
+        self._db_backoff = SinkBackoff(0.1, 5.0)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the batch in flight, then return."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        ctx = self._ctx
+        while not self._stopping:
+            self._wake.clear()
+            full = False
+            try:
+                if self._may_work():
+                    full = await self.process_batch()
+                self._db_backoff.succeeded()
+            except TRANSIENT_DB_ERRORS as exc:
+                delay = self._db_backoff.failed()
+                log.warning(
+                    "partition %s: database error %s; retrying in %.1fs",
+                    self.partition,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if full and not self._stopping:
+                continue
+            await self._idle(ctx.settings.poll_interval)
+
+    def _may_work(self) -> bool:
+        return not self._ctx.pauses.globally_paused and self.lease.remaining() > 0
+
+    async def _idle(self, poll_interval: float) -> None:
+        timeout = poll_interval
+        if self._next_retry_at is not None:
+            timeout = max(0.0, min(timeout, self._next_retry_at - time.monotonic()))
+            self._next_retry_at = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def process_batch(self) -> bool:
+        """One claim-publish-settle round. True when the batch was full (more may be waiting)."""
+        ctx, settings = self._ctx, self._ctx.settings
+        fence = self.lease.fence
+        claim_started = time.monotonic()
+        rows = await ctx.store.claim_batch(
+            self.partition, settings.batch_size, ctx.pauses.like_patterns, fence
+        )
+        if not rows:
+            return False
+        ctx.metrics.claimed(len(rows), time.monotonic() - claim_started)
+        plan = plan_batch(rows, settings.max_payload_bytes)
+        results = await self._publish(plan.send)
+        if results is None:
+            return False
+        outcome = settle_plan(plan.send, results, ctx.policy)
+        outcome.dead.extend((row, r.reason, r.error) for row, r in plan.reject)
+        await self._settle(outcome)
+        if outcome.unavailable:
+            delay = ctx.sink_backoff.failed()
+            ctx.metrics.publish_failed("broker_unavailable", outcome.unavailable)
+            log.warning(
+                "partition %s: sink unavailable for %s events; backing off %.1fs",
+                self.partition,
+                outcome.unavailable,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            return False
+        if outcome.published:
+            ctx.sink_backoff.succeeded()
+        return len(rows) >= settings.batch_size
+
+    async def _publish(self, rows: list[OutboxRow]) -> list[PublishResult] | None:
+        """Publishes within the lease's trust window; None when the window has closed."""
+        if not rows:
+            return []
+        remaining = self.lease.remaining()
+        if remaining <= 0:
+            log.warning("partition %s: lease may have lapsed; not publishing", self.partition)
+            return None
+        timeout = min(self._ctx.settings.publish_timeout, remaining)
+        try:
+            return await asyncio.wait_for(self._ctx.router.publish(rows), timeout=timeout)
+        except TimeoutError:
+            return [
+                PublishResult(Outcome.UNAVAILABLE, "publish_timeout", f"no ack within {timeout:.1f}s")
+            ] * len(rows)
+
+    async def _settle(self, outcome: Settlement) -> None:
+        ctx, fence = self._ctx, self.lease.fence
+        retain = ctx.settings.settle_mode == "retain"
+        started = time.monotonic()
+        published_ids = [row.id for row in outcome.published]
+        settled = await ctx.store.settle(published_ids, fence, retain=retain)
+        if settled < len(published_ids):
+            log.warning(
+                "partition %s: lease %s (token %s) lost before settling; %s events stay for the new owner",
+                self.partition,
+                fence.lease_name,
+                fence.token,
+                len(published_ids) - settled,
+            )
+            ctx.lease_lost(self.partition)
+            return
+        ctx.metrics.published(outcome.published, time.monotonic() - started, ctx.router)
+        if outcome.retry:
+            rows, delays, errors = zip(*outcome.retry, strict=True)
+            await ctx.store.record_failures([r.id for r in rows], delays, errors, fence)
+            ctx.metrics.retried(rows)
+            soonest = time.monotonic() + min(delays)
+            self._next_retry_at = (
+                soonest if self._next_retry_at is None else min(self._next_retry_at, soonest)
+            )
+        if outcome.dead:
+            await self._dead_letter(outcome.dead)
+
+    async def _dead_letter(self, dead: list[tuple[OutboxRow, str, str]]) -> None:
+        ctx = self._ctx
+        rows = [row for row, _, _ in dead]
+        archived = await ctx.store.dead_letter(
+            [r.id for r in rows],
+            [reason for _, reason, _ in dead],
+            [err for _, _, err in dead],
+            self.lease.fence,
+        )
+        by_id = {row.id: row for row in rows}
+        for entry in archived:
+            row = by_id[entry.outbox_id]
+            log.warning(
+                "event dead-lettered",
+                extra={
+                    "topic": row.topic,
+                    "partition": self.partition,
+                    "message_id": str(row.message_id),
+                    "reason": entry.reason,
+                    "dead_letter_id": entry.archive_id,
+                },
+            )
+            ctx.metrics.dead_lettered(row.topic, entry.reason)
+            if ctx.settings.dlq_publish:
+                await self._publish_dlq(row, entry.reason)
+
+    async def _publish_dlq(self, row: OutboxRow, reason: str) -> None:
+        try:
+            await self._ctx.router.sink_for(row.topic).publish_dead_letter(row, reason)
+        except Exception as exc:  # the archive row is the record; the DLQ copy is a courtesy
+            log.warning("could not copy dead letter %s to %s.dlq: %s", row.message_id, row.topic, exc)
