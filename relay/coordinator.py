@@ -1,15 +1,14 @@
 """Coordination through Postgres only: heartbeat, renew leases, balance partitions, elect a leader.
 
 Every `lease_ttl / 3` seconds an instance refreshes its row in relay_instances (which yields the
-number of live instances), renews the leases it holds, gives back partitions above its fair share
-(ceil(partitions / live instances)) and takes free or expired ones up to it."""
+live instances), renews the leases it holds, gives back partitions above its fair share and takes
+free or expired ones up to it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 
@@ -21,6 +20,15 @@ from relay.telemetry import RelayMetrics
 from relay.worker import PartitionWorker, WorkerContext
 
 log = logging.getLogger(__name__)
+
+
+def fair_share(partitions: int, live: list[str], me: str) -> int:
+    """Every instance computes the same split from the same sorted list: the first
+    `partitions % n` instances take one partition more than the others."""
+    if me not in live:
+        live = sorted([*live, me])
+    base, extra = divmod(partitions, len(live))
+    return base + (1 if live.index(me) < extra else 0)
 
 
 class Coordinator:
@@ -47,6 +55,7 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()
         self._tick = asyncio.Event()
         self.live_instances = 1
+        self._share = partitions
 
     # -- what others ask of us ------------------------------------------------------------------
 
@@ -99,7 +108,9 @@ class Coordinator:
                 await asyncio.wait_for(self._tick.wait(), timeout=delay)
 
     async def run_once(self) -> None:
-        self.live_instances = await self._store.heartbeat(self._instance, self.held_partitions, self._ttl)
+        live = await self._store.heartbeat(self._instance, self.held_partitions, self._ttl)
+        self.live_instances = len(live)
+        self._share = fair_share(self._partitions, live, self._instance)
         await self._renew()
         await self._balance()
         await self._elect()
@@ -121,7 +132,7 @@ class Coordinator:
                 self.lease_lost(int(lease.name.split(":", 1)[1]))
 
     async def _balance(self) -> None:
-        fair = math.ceil(self._partitions / max(self.live_instances, 1))
+        fair = self._share
         active = [p for p in self._workers if p not in self._retiring]
         for partition in sorted(active, reverse=True)[: max(len(active) - fair, 0)]:
             self._retire(partition)

@@ -160,9 +160,9 @@ class RelayStore:
 
     # -- instances, pauses, settings ---------------------------------------------------------
 
-    async def heartbeat(self, instance_id: str, partitions: Sequence[int], liveness: float) -> int:
-        """Refreshes this instance; returns the number of live instances, this one included."""
-        count = await self.pool.fetchval(
+    async def heartbeat(self, instance_id: str, partitions: Sequence[int], liveness: float) -> list[str]:
+        """Refreshes this instance; returns the ids of the live instances, this one included, sorted."""
+        live = await self.pool.fetchval(
             self._q["instance_heartbeat"],
             instance_id,
             socket.gethostname(),
@@ -171,7 +171,7 @@ class RelayStore:
             sorted(partitions),
             liveness,
         )
-        return int(count)
+        return list(live)
 
     async def mark_stopped(self, instance_id: str) -> None:
         await self.pool.execute(self._q["instance_stopped"], instance_id)

@@ -114,7 +114,7 @@ WHERE l.name IS NULL OR l.holder IS NULL OR l.expires_at <= now()
 ORDER BY p;
 
 -- instance_heartbeat --
--- Registers or refreshes this instance and returns how many instances are alive.
+-- Registers or refreshes this instance and returns the ids of all live instances, sorted.
 WITH beat AS (
     INSERT INTO {schema}.relay_instances AS i
         (instance_id, hostname, pid, version, started_at, heartbeat_at, partitions)
@@ -124,9 +124,13 @@ WITH beat AS (
         started_at = CASE WHEN i.stopped_at IS NULL THEN i.started_at ELSE now() END
     RETURNING instance_id
 )
-SELECT 1 + count(*)::int
-FROM {schema}.relay_instances
-WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $6) AND instance_id <> $1;
+SELECT array_agg(instance_id ORDER BY instance_id) AS live
+FROM (
+    SELECT instance_id FROM beat
+    UNION
+    SELECT instance_id FROM {schema}.relay_instances
+    WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $6)
+) alive;
 
 -- instance_stopped --
 UPDATE {schema}.relay_instances SET stopped_at = now(), partitions = '{}' WHERE instance_id = $1;
