@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib
 import re
 import shutil
 import sys
@@ -30,8 +31,7 @@ def proto_files() -> list[Path]:
 
 def generate(out: Path) -> None:
     """Write the stubs of every proto file into `out` (created or emptied first)."""
-    from grpc_tools import protoc
-
+    protoc = importlib.import_module("grpc_tools.protoc")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 import asyncpg
@@ -89,17 +89,19 @@ class ControlStore:
     # --- reads ---------------------------------------------------------------------------------
 
     async def status(self, deadline: Deadline) -> Status:
-        async with self._pool.acquire(timeout=deadline.left()) as conn:
-            # One snapshot, so that counts and instances describe the same moment.
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                instances = await conn.fetch(
-                    self._sql["control_status_instances"], self._instance_timeout, timeout=deadline.left()
-                )
-                backlog = await conn.fetch(self._sql["control_status_backlog"], timeout=deadline.left())
-                dead = await conn.fetchval(self._sql["control_status_dead_letters"], timeout=deadline.left())
-                pauses = await conn.fetch(self._sql["control_pauses"], False, timeout=deadline.left())
-                version = await conn.fetchval(self._sql["control_schema_version"], timeout=deadline.left())
-                now = await conn.fetchval(self._sql["control_now"], timeout=deadline.left())
+        # One snapshot, so that counts and instances describe the same moment.
+        async with (
+            self._pool.acquire(timeout=deadline.left()) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            instances = await conn.fetch(
+                self._sql["control_status_instances"], self._instance_timeout, timeout=deadline.left()
+            )
+            backlog = await conn.fetch(self._sql["control_status_backlog"], timeout=deadline.left())
+            dead = await conn.fetchval(self._sql["control_status_dead_letters"], timeout=deadline.left())
+            pauses = await conn.fetch(self._sql["control_pauses"], False, timeout=deadline.left())
+            version = await conn.fetchval(self._sql["control_schema_version"], timeout=deadline.left())
+            now = await conn.fetchval(self._sql["control_now"], timeout=deadline.left())
         return Status(
             instances=[_instance(r) for r in instances],
             backlog=[Backlog(r["topic"], r["pending"], r["oldest_age"] or timedelta(0)) for r in backlog],
@@ -130,14 +132,16 @@ class ControlStore:
         return _page([_summary(r) for r in rows], limit)
 
     async def dead_letter(self, dead_letter_id: int, deadline: Deadline) -> DeadLetter:
-        async with self._pool.acquire(timeout=deadline.left()) as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                row = await conn.fetchrow(self._sql["control_dead_letter_get"], dead_letter_id, timeout=deadline.left())
-                if row is None:
-                    raise NotFound(f"dead letter {dead_letter_id} does not exist")
-                replays = await conn.fetch(
-                    self._sql["control_dead_letter_replays"], dead_letter_id, timeout=deadline.left()
-                )
+        async with (
+            self._pool.acquire(timeout=deadline.left()) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            row = await conn.fetchrow(self._sql["control_dead_letter_get"], dead_letter_id, timeout=deadline.left())
+            if row is None:
+                raise NotFound(f"dead letter {dead_letter_id} does not exist")
+            replays = await conn.fetch(
+                self._sql["control_dead_letter_replays"], dead_letter_id, timeout=deadline.left()
+            )
         return DeadLetter(
             summary=_summary(row),
             payload=bytes(row["payload"]),
@@ -215,7 +219,7 @@ class ControlStore:
 
     async def _explain_missing_event(
         self, conn: asyncpg.Connection, outbox_id: int | None, message_id: UUID | None, deadline: Deadline
-    ) -> None:
+    ) -> NoReturn:
         published = await conn.fetchval(
             self._sql["control_outbox_published"], outbox_id, message_id, timeout=deadline.left()
         )

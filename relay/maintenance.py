@@ -36,6 +36,7 @@ class Maintenance:
         self._interval = interval
         self.gauges = FleetGauges()
         self._rounds = 0
+        self._topics_seen: set[str] = set()
 
     async def run_once(self) -> None:
         if self._settings.settle_mode is SettleMode.RETAIN:
@@ -43,7 +44,12 @@ class Maintenance:
         if self._rounds % 60 == 0:
             await self._store.cleanup_housekeeping()
         self._rounds += 1
-        self.gauges = FleetGauges(await self._store.backlog_by_topic(), await self._store.dead_letter_count())
+        backlog = await self._store.backlog_by_topic()
+        # A drained topic reports 0 rather than vanishing, so dashboards and alerts see it recover.
+        self._topics_seen.update(topic for topic, _, _ in backlog)
+        drained = self._topics_seen - {topic for topic, _, _ in backlog}
+        backlog += [(topic, 0, 0.0) for topic in sorted(drained)][:1000]
+        self.gauges = FleetGauges(backlog, await self._store.dead_letter_count())
 
     async def _cleanup_published(self) -> None:
         batch = self._settings.cleanup_batch_size

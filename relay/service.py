@@ -12,11 +12,14 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from relay.config import RelaySettings, SinkKind
 from relay.coordinator import Coordinator
 from relay.maintenance import Maintenance
 from relay.migrate import head_revision
 from relay.notifications import InsertListener
+from relay.ops_http import OpsServer
 from relay.pauses import PauseState
 from relay.retry import Backoff, RetryPolicy, SinkBackoff
 from relay.sinks.base import Sink
@@ -24,7 +27,7 @@ from relay.sinks.kafka import KafkaSink
 from relay.sinks.redis import RedisSink
 from relay.sinks.router import Router, parse_routes
 from relay.store import RelayStore
-from relay.telemetry import RelayMetrics
+from relay.telemetry import METER_NAME, RelayMetrics, configure_tracing, prometheus_meter_provider
 from relay.worker import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ def build_sinks(settings: RelaySettings) -> dict[SinkKind, Sink]:
 class RelayService:
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
+        configure_tracing()
         self.store = RelayStore(
             settings.database_url.get_secret_value(),
             settings.schema_name,
@@ -51,7 +55,11 @@ class RelayService:
             statement_cache_size=settings.statement_cache_size,
         )
         self.router = Router(parse_routes(settings.routes), settings.default_sink, build_sinks(settings))
-        self.metrics = RelayMetrics(settings.instance_id)
+        self.registry = CollectorRegistry()
+        self._meter_provider = prometheus_meter_provider(self.registry) if settings.metrics_addr else None
+        meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
+        self.metrics = RelayMetrics(settings.instance_id, meter)
+        self.ops: OpsServer | None = None
         self.maintenance = Maintenance(self.store, settings)
         self.coordinator: Coordinator | None = None
         self.pauses = PauseState(self.store, on_change=self._wake_all)
@@ -67,6 +75,9 @@ class RelayService:
     async def start(self) -> None:
         if self.started:
             return
+        if self.settings.metrics_addr:
+            self.ops = OpsServer(self.settings.metrics_addr, self.registry, self.readiness)
+            await self.ops.start()
         await self.store.open()
         await self._check_schema()
         partitions = await self.store.partition_count()
@@ -91,6 +102,7 @@ class RelayService:
         self.coordinator = Coordinator(
             self.store, ctx, self.maintenance, partitions, self.settings.instance_id, self.settings.lease_ttl
         )
+        self._register_gauges()
         self._spawn(self.coordinator.run(), "coordinator")
         self._spawn(self.pauses.run(), "pauses")
         if self.settings.listen:
@@ -105,6 +117,72 @@ class RelayService:
                 "sinks": sorted(k.value for k in self.router.sinks),
             },
         )
+
+    def _register_gauges(self) -> None:
+        instance = {"instance": self.settings.instance_id}
+
+        def leader_only(values: list[tuple[float, dict[str, str]]]) -> list[tuple[float, dict[str, str]]]:
+            # Fleet-wide figures come from the leader alone, so N instances do not report N copies.
+            return values if self.coordinator is not None and self.coordinator.is_leader else []
+
+        m = self.metrics
+        m.gauge(
+            "outbox_pending_events",
+            "{event}",
+            "Events waiting to be published (leader)",
+            lambda: leader_only([(p, {"topic": t}) for t, p, _ in self.maintenance.gauges.backlog]),
+        )
+        m.gauge(
+            "outbox_oldest_pending_age",
+            "s",
+            "Age of the oldest unpublished event (leader)",
+            lambda: leader_only(
+                [(a, {"topic": t}) for t, _, a in self.maintenance.gauges.backlog] or [(0.0, {"topic": ""})]
+            ),
+        )
+        m.gauge(
+            "outbox_dead_letters",
+            "{event}",
+            "Events in the dead-letter archive (leader)",
+            lambda: leader_only([(float(self.maintenance.gauges.dead_letters), {})]),
+        )
+        m.gauge(
+            "outbox_paused",
+            "1",
+            "1 per active pause, by topic pattern ('*' = everything)",
+            lambda: [(1.0, {"pattern": p}) for p in self.pauses.patterns],
+        )
+        m.gauge(
+            "outbox_partitions_held",
+            "{partition}",
+            "Partition leases this instance holds",
+            lambda: [(float(len(self.coordinator.held_partitions) if self.coordinator else 0), instance)],
+        )
+        m.gauge(
+            "outbox_leader",
+            "1",
+            "1 when this instance holds the leader lease",
+            lambda: [(1.0 if self.coordinator and self.coordinator.is_leader else 0.0, instance)],
+        )
+        m.gauge(
+            "outbox_live_instances",
+            "{instance}",
+            "Live relay instances seen by this one",
+            lambda: [(float(self.coordinator.live_instances if self.coordinator else 0), instance)],
+        )
+
+    async def readiness(self) -> dict[str, bool]:
+        """Ready when the database answers, the schema is at head and every sink is connected."""
+        checks = {"database": False, "schema": False}
+        try:
+            revision = await asyncio.wait_for(self.store.schema_revision(), timeout=2.0)
+            checks["database"] = True
+            checks["schema"] = revision == head_revision()
+        except Exception:  # any failure means not ready; the reason is in the logs
+            pass
+        for kind, sink in self.router.sinks.items():
+            checks[f"sink_{kind.value}"] = self.started and sink.is_connected()
+        return checks
 
     async def _check_schema(self) -> None:
         current, head = await self.store.schema_revision(), head_revision()
@@ -149,6 +227,10 @@ class RelayService:
             with contextlib.suppress(Exception):
                 await sink.stop()
         await self.store.close()
+        if self.ops is not None:
+            await self.ops.stop()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()  # type: ignore[attr-defined]
         log.info("relay stopped", extra={"instance": self.settings.instance_id})
 
 

@@ -1,24 +1,80 @@
-"""Metrics the relay records (OpenTelemetry API; exported when a MeterProvider is installed)."""
+"""Metrics and traces (OpenTelemetry). Metrics are exported for Prometheus on OUTBOX_METRICS_ADDR;
+traces go wherever the standard OTEL_* variables say, and nowhere by default."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from relay.events import OutboxRow
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from relay.sinks.router import Router
 
+log = logging.getLogger(__name__)
 METER_NAME = "outbox_relay"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+def prometheus_meter_provider(registry: CollectorRegistry) -> metrics.MeterProvider:
+    """A MeterProvider of our own (not the global one) whose metrics `registry` serves."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import Histogram, MeterProvider
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+    reader = PrometheusMetricReader(registry=registry, disable_target_info=True, scope_info_enabled=False)
+    latency_view = View(
+        instrument_type=Histogram,
+        instrument_name="outbox_commit_to_ack_latency",
+        aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
+    )
+    return MeterProvider(metric_readers=[reader], views=[latency_view])
+
+
+_tracing_configured = False
+
+
+def configure_tracing() -> bool:
+    """Installs an OTLP exporter (once per process) when the standard OpenTelemetry variables ask
+    for one."""
+    global _tracing_configured
+    if _tracing_configured:
+        return True
+    wanted = os.environ.get("OTEL_TRACES_EXPORTER", "").lower()
+    if wanted in ("", "none") and not os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return False
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        log.warning(
+            "OTEL_TRACES_EXPORTER is set but opentelemetry-exporter-otlp is not installed; tracing off"
+        )
+        return False
+    provider = TracerProvider(resource=Resource.create({"service.name": "outbox-relay"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _tracing_configured = True
+    return True
+
+
+GaugeSource = Callable[[], Iterable[tuple[float, dict[str, str]]]]
 
 
 class RelayMetrics:
     def __init__(self, instance_id: str, meter: metrics.Meter | None = None) -> None:
         meter = meter or metrics.get_meter(METER_NAME)
+        self._meter = meter
         self._instance = {"instance": instance_id}
         self.published_total = meter.create_counter(
             "outbox_events_published", unit="{event}", description="Events acknowledged by a sink"
@@ -53,6 +109,14 @@ class RelayMetrics:
         self.settle_duration = meter.create_histogram(
             "outbox_settle_duration", unit="s", description="Settle time"
         )
+
+    def gauge(self, name: str, unit: str, description: str, source: GaugeSource) -> None:
+        """An observable gauge read at scrape time from `source` (value, labels) pairs."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, labels) for value, labels in source()]
+
+        self._meter.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
 
     def claimed(self, count: int, seconds: float) -> None:
         self.batch_size.record(count, self._instance)

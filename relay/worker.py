@@ -20,6 +20,7 @@ from relay.retry import RetryPolicy, SinkBackoff
 from relay.sinks.router import Router
 from relay.store import TRANSIENT_DB_ERRORS, RelayStore
 from relay.telemetry import RelayMetrics
+from relay.tracing import end_publish_spans, start_publish_spans, tracer, tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,17 @@ class PartitionWorker:
         return len(rows) >= settings.batch_size
 
     async def _publish(self, rows: list[OutboxRow]) -> list[PublishResult] | None:
+        if not rows or not tracing_enabled():
+            return await self._publish_untraced(rows)
+        with tracer.start_as_current_span(
+            "outbox batch", attributes={"outbox.partition": self.partition, "outbox.batch_size": len(rows)}
+        ):
+            traced, spans = start_publish_spans(rows, self.partition)
+            results = await self._publish_untraced(traced)
+            end_publish_spans(spans, results)
+            return results
+
+    async def _publish_untraced(self, rows: list[OutboxRow]) -> list[PublishResult] | None:
         """Publishes within the lease's trust window; None when the window has closed."""
         if not rows:
             return []

@@ -62,6 +62,7 @@ class KafkaSink:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._unknown_since: dict[str, float] = {}
+        self._reachable = False
 
     def _producer_options(self) -> dict[str, Any]:
         s = self._settings
@@ -103,6 +104,7 @@ class KafkaSink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.sink_backoff_max)
         self._producer = producer
+        self._reachable = True
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
@@ -110,8 +112,8 @@ class KafkaSink:
             await producer.stop()
 
     def is_connected(self) -> bool:
-        producer = self._producer
-        return producer is not None and bool(producer.client.cluster.brokers())
+        """False from the first sign of an outage until the broker acknowledges again."""
+        return self._producer is not None and self._reachable
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         producer = self._producer
@@ -136,7 +138,12 @@ class KafkaSink:
             results[index] = self._classify(rows[index], ack) if isinstance(ack, BaseException) else PUBLISHED
             if results[index] is PUBLISHED:
                 self._unknown_since.pop(rows[index].topic, None)
-        return [result or PUBLISHED for result in results]
+        final = [result or PUBLISHED for result in results]
+        if any(r.ok for r in final):
+            self._reachable = True
+        elif any(r.reason == "broker_unavailable" for r in final):
+            self._reachable = False
+        return final
 
     def _classify(self, row: OutboxRow, exc: BaseException) -> PublishResult:
         detail = f"{type(exc).__name__}: {exc}"

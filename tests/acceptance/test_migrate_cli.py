@@ -141,7 +141,7 @@ def test_concurrent_migrations_all_succeed_and_migrate_once(
         assert code == 0, f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
         assert f"at revision {head}" in stdout
     # One process ran the migration; the others waited for the lock and found nothing to do.
-    migrated = [stderr for _, _, stderr in outputs if "migrating schema" in stderr]
+    migrated = [stderr for _, _, stderr in outputs if f"migrating schema {schema_name} from None" in stderr]
     assert len(migrated) == 1, [stderr for _, _, stderr in outputs]
     assert _versions(database_url, schema_name) == [head]
     assert _tables(database_url, schema_name) == RELAY_TABLES | {"alembic_version"}
@@ -158,10 +158,11 @@ def test_sql_prints_the_migration_and_changes_nothing(
     assert result.returncode == 0, _describe(result)
     sql = result.stdout
     assert f'CREATE SCHEMA IF NOT EXISTS "{schema_name}"' in sql
-    for table in ("outbox", "distributed_locks", "dead_letter_archive", "alembic_version"):
-        assert f'CREATE TABLE "{schema_name}".{table}' in sql, table
+    for table in sorted(RELAY_TABLES):
+        assert f'CREATE TABLE "{schema_name}".{table} (' in sql, table
+    assert f"CREATE TABLE {schema_name}.alembic_version" in sql
+    assert f"INSERT INTO {schema_name}.alembic_version (version_num) VALUES ('{head_revision()}')" in sql
     assert "CREATE TRIGGER outbox_notify" in sql
-    assert f"INSERT INTO \"{schema_name}\".alembic_version (version_num) VALUES ('{head_revision()}')" in sql
     assert not _schema_exists(database_url, schema_name)
 
 

@@ -1,0 +1,227 @@
+"""The gRPC control-plane server: ControlService plus grpc.health.v1 and reflection, on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+from typing import Self
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from control._generated.outbox.control.v1 import control_pb2 as pb
+from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
+from control.auth import CONTROL_SERVICE, AuthInterceptor, Tokens, load_tokens
+from control.servicer import ControlServicer
+from control.store import ControlStore, ReplayPacing
+from relay.config import DatabaseSettings
+from relay.dburl import plain_postgres_url
+
+log = logging.getLogger(__name__)
+
+
+class InsecureConfigurationError(ValueError):
+    """The server would be reachable from other hosts without authentication."""
+
+
+class ControlSettings(BaseSettings):
+    """Everything the control plane reads. Each field is the env var `OUTBOX_CONTROL_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_CONTROL_", extra="ignore")
+
+    addr: str = Field("127.0.0.1:50051", description="host:port to listen on (port 0: any free port).")
+    read_token: SecretStr | None = Field(None, description="Bearer token for Get*/List* RPCs. Never logged.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for every RPC. Never logged.")
+    read_token_file: Path | None = Field(None, description="File holding the read token (instead of read_token).")
+    admin_token_file: Path | None = Field(None, description="File holding the admin token.")
+    tls_cert: Path | None = Field(None, description="PEM server certificate (chain); enables TLS with tls_key.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; requires client certificates (mTLS).")
+    allow_insecure: bool = Field(False, description="Serve on a non-loopback address without tokens.")
+    replay_rate: int = Field(5000, ge=1, description="Dead letters replayed per second at most.")
+    replay_batch_size: int = Field(1000, ge=1, le=10_000, description="Dead letters per replay transaction.")
+    max_page_size: int = Field(1000, ge=1, le=1000, description="Largest page_size a List RPC accepts.")
+    instance_timeout: float = Field(30.0, gt=0, description="Seconds without heartbeat before an instance is gone.")
+    pool_size: int = Field(4, ge=1, description="Database connections, when the server owns its pool.")
+    shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get on stop.")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("OUTBOX_CONTROL_TLS_CLIENT_CA needs OUTBOX_CONTROL_TLS_CERT and _KEY")
+        return self
+
+    def tokens(self) -> Tokens:
+        return load_tokens(self.read_token, self.read_token_file, self.admin_token, self.admin_token_file)
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether a gRPC listen address is reachable only from this host."""
+    if addr.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(addr: str, tokens: Tokens, allow_insecure: bool) -> None:
+    if is_loopback(addr) or tokens.enabled or allow_insecure:
+        return
+    raise InsecureConfigurationError(
+        f"refusing to serve the control plane on non-loopback address {addr} without tokens: set "
+        "OUTBOX_CONTROL_ADMIN_TOKEN (and OUTBOX_CONTROL_READ_TOKEN), or OUTBOX_CONTROL_ALLOW_INSECURE=true"
+    )
+
+
+def server_credentials(settings: ControlSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class ControlServer:
+    """Owns the grpc.aio server and, unless one is given, its asyncpg pool."""
+
+    def __init__(
+        self,
+        settings: ControlSettings | None = None,
+        database: DatabaseSettings | None = None,
+        *,
+        pool: asyncpg.Pool | None = None,
+    ) -> None:
+        self.settings = settings or ControlSettings()
+        self.database = database or DatabaseSettings()
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0); 0 before start()."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = self.settings.addr.rsplit(":", 1)[0]
+        return f"{host}:{self._port}"
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("ControlServer is already started")
+        tokens = self.settings.tokens()
+        check_exposure(self.settings.addr, tokens, self.settings.allow_insecure)
+        credentials = server_credentials(self.settings)
+        if tokens.enabled and credentials is None and not is_loopback(self.settings.addr):
+            log.warning("control plane on %s without TLS: bearer tokens cross the network in clear text",
+                        self.settings.addr)
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                plain_postgres_url(self.database.database_url.get_secret_value()),
+                min_size=1,
+                max_size=self.settings.pool_size,
+            )
+        try:
+            await self._start_grpc(tokens, credentials)
+        except BaseException:
+            await self._close_pool()
+            raise
+        log.info(
+            "control plane listening on %s (tls=%s, client certificates=%s, auth=%s)",
+            self.address, credentials is not None, self.settings.tls_client_ca is not None, tokens,
+        )
+
+    async def _start_grpc(self, tokens: Tokens, credentials: grpc.ServerCredentials | None) -> None:
+        assert self._pool is not None
+        store = ControlStore(
+            self._pool,
+            self.database.schema_name,
+            pacing=ReplayPacing(self.settings.replay_rate, self.settings.replay_batch_size),
+            instance_timeout=self.settings.instance_timeout,
+        )
+        # so_reuseport off: a second server on a taken port must fail instead of sharing it.
+        server = grpc.aio.server(interceptors=[AuthInterceptor(tokens)], options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ControlServiceServicer_to_server(
+            ControlServicer(store, max_page_size=self.settings.max_page_size), server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [pb.DESCRIPTOR.services_by_name["ControlService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            server,
+        )
+        if credentials is None:
+            self._port = server.add_insecure_port(self.settings.addr)
+        else:
+            self._port = server.add_secure_port(self.settings.addr, credentials)
+        await server.start()
+        self._server = server
+        await self._health.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(CONTROL_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight RPCs finish for `grace` seconds, closes an owned pool."""
+        server, self._server = self._server, None
+        if server is not None:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            await server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self._owns_pool and self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def __aenter__(self) -> ControlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def serve_forever(
+    settings: ControlSettings | None = None,
+    database: DatabaseSettings | None = None,
+    *,
+    pool: asyncpg.Pool | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serves until `stop` is set or SIGINT/SIGTERM arrives (what `outbox-relay control` runs)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+    server = ControlServer(settings, database, pool=pool)
+    try:
+        await server.start()
+        await stop.wait()
+    finally:
+        await server.stop()
+        for signum in installed:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,193 @@
+"""The migrations against real PostgreSQL, and the constraints of the outbox table that writers in any
+language rely on (docs/outbox-table.md)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import errors
+from pydantic import SecretStr
+
+from relay import migrate
+from relay.config import DatabaseSettings
+
+PARTITIONS = 16
+PLAIN_INSERT = (
+    "INSERT INTO {s}.outbox (topic, key, payload) VALUES ('orders', 'order-1', convert_to('{{\"id\":1}}', 'UTF8'))"
+    " RETURNING id, message_id, partition"
+)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+def _relations(conn: psycopg.Connection, schema: str) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT c.relname, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s",
+        (schema,),
+    ).fetchall()
+    return {name: kind for name, kind in rows}
+
+
+def _functions(conn: psycopg.Connection, schema: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
+        (schema,),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_upgrade_to_head_then_downgrade_to_base_leaves_no_tables(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
+    try:
+        assert migrate.upgrade(settings) == migrate.head_revision()
+        tables = {rel for rel, kind in _relations(db, name).items() if kind == "r"}
+        assert {"outbox", "distributed_locks", "dead_letter_archive", "alembic_version"} <= tables
+        assert _functions(db, name) == ["notify_outbox_inserted"]
+
+        assert migrate.downgrade(settings, "base") is None
+
+        # Alembic keeps its (now empty) version table; nothing of the relay's is left.
+        remaining = {rel: kind for rel, kind in _relations(db, name).items() if kind in ("r", "p", "v", "S")}
+        assert remaining == {"alembic_version": "r"}
+        assert db.execute(f'SELECT count(*) FROM "{name}".alembic_version').fetchone() == (0,)
+        assert _functions(db, name) == []
+        # And head can be reached again from there.
+        assert migrate.upgrade(settings) == migrate.head_revision()
+        assert "outbox" in _relations(db, name)
+    finally:
+        db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def test_upgrade_is_a_no_op_at_head(database_url: str, schema: str, db: psycopg.Connection) -> None:
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=schema)
+    assert migrate.upgrade(settings) == migrate.head_revision()
+    assert db.execute(f'SELECT version_num FROM "{schema}".alembic_version').fetchall() == [
+        (migrate.head_revision(),)
+    ]
+
+
+def test_partition_is_computed_for_plain_sql_inserts(schema: str, db: psycopg.Connection) -> None:
+    first = db.execute(PLAIN_INSERT.format(s=schema)).fetchone()
+    second = db.execute(PLAIN_INSERT.format(s=schema)).fetchone()
+    assert first is not None and second is not None
+
+    assert 0 <= first[2] < PARTITIONS
+    assert second[2] == first[2], "the same key must always map to the same partition"
+    assert second[0] > first[0]
+    expected = db.execute(
+        "SELECT (hashtext('order-1')::bigint & 2147483647) %% %s", (PARTITIONS,)
+    ).fetchone()
+    assert expected == (first[2],)
+
+
+def test_keyless_events_get_a_partition_from_their_message_id(schema: str, db: psycopg.Connection) -> None:
+    rows = db.execute(
+        f"INSERT INTO {schema}.outbox (topic, payload)"
+        " SELECT 'orders', convert_to(g::text, 'UTF8') FROM generate_series(1, 200) g"
+        " RETURNING message_id, partition, (hashtext(message_id::text)::bigint & 2147483647) % 16"
+    ).fetchall()
+    assert all(0 <= partition < PARTITIONS and partition == expected for _, partition, expected in rows)
+    assert len({partition for _, partition, _ in rows}) > 1, "keyless events must spread over partitions"
+
+
+def test_message_id_defaults_to_a_fresh_uuid(schema: str, db: psycopg.Connection) -> None:
+    first = db.execute(PLAIN_INSERT.format(s=schema)).fetchone()
+    second = db.execute(PLAIN_INSERT.format(s=schema)).fetchone()
+    assert first is not None and second is not None
+    assert isinstance(first[1], uuid.UUID)
+    assert first[1] != second[1]
+
+
+def test_defaults_of_a_plain_insert(schema: str, db: psycopg.Connection) -> None:
+    db.execute(PLAIN_INSERT.format(s=schema))
+    row = db.execute(
+        f"SELECT headers, created_at IS NOT NULL, attempts, next_attempt_at, last_error,"
+        f" first_attempt_at, last_attempt_at, published_at, convert_from(payload, 'UTF8') FROM {schema}.outbox"
+    ).fetchone()
+    assert row == ({}, True, 0, None, None, None, None, None, '{"id":1}')
+
+
+def test_a_repeated_message_id_is_skipped_with_on_conflict(schema: str, db: psycopg.Connection) -> None:
+    message_id = uuid.uuid4()
+    insert = (
+        f"INSERT INTO {schema}.outbox (message_id, topic, key, payload, headers)"
+        " VALUES (%s, 'orders', 'order-1', convert_to('{}', 'UTF8'), '{\"source\": \"billing\"}'::jsonb)"
+        " ON CONFLICT (message_id) DO NOTHING RETURNING id"
+    )
+    assert db.execute(insert, (message_id,)).fetchone() is not None
+    assert db.execute(insert, (message_id,)).fetchone() is None
+    assert db.execute(f"SELECT headers FROM {schema}.outbox").fetchall() == [({"source": "billing"},)]
+    with pytest.raises(errors.UniqueViolation):
+        db.execute(insert.replace(" ON CONFLICT (message_id) DO NOTHING", ""), (message_id,))
+
+
+@pytest.mark.parametrize("headers", ['["a", "b"]', '"text"', "42", "null"])
+def test_headers_must_be_a_json_object(schema: str, db: psycopg.Connection, headers: str) -> None:
+    with pytest.raises((errors.CheckViolation, errors.NotNullViolation)):
+        db.execute(
+            f"INSERT INTO {schema}.outbox (topic, payload, headers) VALUES ('orders', '\\x00', %s::jsonb)",
+            (headers,),
+        )
+
+
+def test_a_json_object_header_is_accepted(schema: str, db: psycopg.Connection) -> None:
+    db.execute(
+        f"INSERT INTO {schema}.outbox (topic, payload, headers) VALUES ('orders', '\\x00', %s::jsonb)",
+        ('{"content-type": "application/json"}',),
+    )
+    assert db.execute(f"SELECT headers FROM {schema}.outbox").fetchone() == ({"content-type": "application/json"},)
+
+
+@pytest.mark.parametrize("topic", ["", "x" * 250])
+def test_an_empty_or_too_long_topic_is_rejected(schema: str, db: psycopg.Connection, topic: str) -> None:
+    with pytest.raises(errors.CheckViolation):
+        db.execute(f"INSERT INTO {schema}.outbox (topic, payload) VALUES (%s, '\\x00')", (topic,))
+
+
+def test_a_topic_of_249_characters_is_accepted(schema: str, db: psycopg.Connection) -> None:
+    db.execute(f"INSERT INTO {schema}.outbox (topic, payload) VALUES (%s, '\\x00')", ("x" * 249,))
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("topic", None), ("payload", None)],
+)
+def test_topic_and_payload_are_required(schema: str, db: psycopg.Connection, column: str, value: None) -> None:
+    values = {"topic": "'orders'", "payload": "'\\x00'"}
+    values[column] = "NULL"
+    with pytest.raises(errors.NotNullViolation):
+        db.execute(f"INSERT INTO {schema}.outbox (topic, payload) VALUES ({values['topic']}, {values['payload']})")
+
+
+@pytest.mark.parametrize("column", ["id", "partition"])
+def test_generated_columns_cannot_be_set_by_writers(schema: str, db: psycopg.Connection, column: str) -> None:
+    with pytest.raises(errors.GeneratedAlways):
+        db.execute(f"INSERT INTO {schema}.outbox ({column}, topic, payload) VALUES (1, 'orders', '\\x00')")
+
+
+def test_partition_count_is_recorded_and_used(database_url: str, db: psycopg.Connection) -> None:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
+    try:
+        migrate.upgrade(settings, partitions=4)
+        assert db.execute(f"SELECT value FROM {name}.relay_settings WHERE name = 'partitions'").fetchone() == (
+            "4",
+        )
+        rows = db.execute(
+            f"INSERT INTO {name}.outbox (topic, key, payload)"
+            " SELECT 'orders', 'k' || g, '\\x00' FROM generate_series(1, 100) g RETURNING partition"
+        ).fetchall()
+        assert {row[0] for row in rows} == {0, 1, 2, 3}
+    finally:
+        db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
