@@ -90,6 +90,24 @@ def run(
 
 
 @app.command()
+def control(log_level: LogLevel = "INFO") -> None:
+    """Serve only the gRPC control plane (stateless: run as many as you like behind a load balancer).
+    Settings: OUTBOX_DATABASE_URL, OUTBOX_SCHEMA and OUTBOX_CONTROL_* (see docs/configuration.md)."""
+    setup_logging(log_level)
+    from control.server import ControlSettings, InsecureConfigurationError, serve_forever
+
+    database = _settings(DatabaseSettings)
+    try:
+        settings = ControlSettings()
+    except ValidationError as exc:
+        raise _fail(f"invalid configuration:\n{exc}") from None
+    try:
+        asyncio.run(serve_forever(settings, database))
+    except InsecureConfigurationError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
 def demo(
     duration: Annotated[float, typer.Option(help="Seconds to write events for (0 = until Ctrl-C).")] = 20.0,
     rate: Annotated[int, typer.Option(help="Events written per second.")] = 500,

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -43,7 +44,15 @@ class Progress:
         return self.written - self.pending - self.dead_letters
 
 
-def relay_settings(stack_urls: tuple[str, str, str], instance: int) -> RelaySettings:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def relay_settings(
+    stack_urls: tuple[str, str, str], instance: int, control_addr: str | None = None
+) -> RelaySettings:
     database_url, kafka, redis_url = stack_urls
     return RelaySettings(
         database_url=SecretStr(database_url),
@@ -54,6 +63,7 @@ def relay_settings(stack_urls: tuple[str, str, str], instance: int) -> RelaySett
         routes="orders.*=kafka,notify.*=redis",
         lease_ttl=5.0,
         shutdown_grace=5.0,
+        control_addr=control_addr,
     )
 
 
@@ -124,12 +134,15 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
         console.print(
             f"Schema {SCHEMA!r} migrated. Kafka at {urls.kafka_bootstrap}, Redis at {urls.redis_url}."
         )
+        stack_urls = (urls.database_url, urls.kafka_bootstrap, urls.redis_url)
+        control_addr = f"127.0.0.1:{free_port()}"
         relays = [
-            RelayService(relay_settings((urls.database_url, urls.kafka_bootstrap, urls.redis_url), i))
+            RelayService(relay_settings(stack_urls, i, control_addr if i == 0 else None))
             for i in range(instances)
         ]
         for relay in relays:
             await relay.start()
+        console.print(f"Control plane at {control_addr}: try `outboxctl --addr {control_addr} status`.")
         pool = await asyncpg.create_pool(urls.database_url, min_size=1, max_size=4)
         progress = Progress(started=time.monotonic())
         stop_writing = asyncio.Event()
@@ -148,6 +161,7 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
         "published": progress.published,
         "dead_letters": progress.dead_letters,
     }
+    console.print()
     console.print(json.dumps(summary))
     console.print("[green]All events published.[/]" if ok else "[red]Some events were not published.[/]")
     return 0 if ok else 1

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +29,9 @@ from relay.sinks.router import Router, parse_routes
 from relay.store import RelayStore
 from relay.telemetry import METER_NAME, RelayMetrics, configure_tracing, prometheus_meter_provider
 from relay.worker import WorkerContext
+
+if TYPE_CHECKING:
+    from control.server import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class RelayService:
         meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
         self.metrics = RelayMetrics(settings.instance_id, meter)
         self.ops: OpsServer | None = None
+        self.control: ControlServer | None = None
         self.maintenance = Maintenance(self.store, settings)
         self.coordinator: Coordinator | None = None
         self.pauses = PauseState(self.store, on_change=self._wake_all)
@@ -103,6 +107,8 @@ class RelayService:
             self.store, ctx, self.maintenance, partitions, self.settings.instance_id, self.settings.lease_ttl
         )
         self._register_gauges()
+        if self.settings.control_addr:
+            await self._start_control_plane()
         self._spawn(self.coordinator.run(), "coordinator")
         self._spawn(self.pauses.run(), "pauses")
         if self.settings.listen:
@@ -117,6 +123,14 @@ class RelayService:
                 "sinks": sorted(k.value for k in self.router.sinks),
             },
         )
+
+    async def _start_control_plane(self) -> None:
+        """The control plane is stateless, so any relay instance can serve it beside its work."""
+        from control.server import ControlServer, ControlSettings
+
+        control_settings = ControlSettings(addr=self.settings.control_addr)
+        self.control = ControlServer(control_settings, self.settings, pool=self.store.pool)
+        await self.control.start()
 
     def _register_gauges(self) -> None:
         instance = {"instance": self.settings.instance_id}
@@ -223,6 +237,8 @@ class RelayService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.control is not None:
+            await self.control.stop()
         for sink in self.router.sinks.values():
             with contextlib.suppress(Exception):
                 await sink.stop()

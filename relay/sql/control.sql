@@ -35,7 +35,7 @@ SELECT name, holder, token, acquired_at, renewed_at, expires_at, expires_at <= n
 FROM {schema}.distributed_locks
 ORDER BY name ~ '^partition:[0-9]+$',
          CASE WHEN name ~ '^partition:[0-9]+$' THEN split_part(name, ':', 2)::int END,
-         name;
+         name COLLATE "C";
 
 -- control_lock_for_update --
 SELECT name, holder, token, acquired_at, renewed_at, expires_at, expires_at <= now() AS expired
@@ -57,7 +57,7 @@ RETURNING name, holder, token, acquired_at, renewed_at, expires_at, expires_at <
 SELECT id, topic_pattern, reason, paused_by, created_at, expires_at
 FROM {schema}.pauses
 WHERE $1::boolean OR expires_at IS NULL OR expires_at > now()
-ORDER BY topic_pattern;
+ORDER BY topic_pattern COLLATE "C";
 
 -- control_pause_upsert --
 -- $4: absolute expiry, $5: seconds from now; at most one is set, neither means "until resumed".
