@@ -86,13 +86,15 @@ def _token(name: str, value: SecretStr | None, path: Path | None) -> bytes | Non
     if value is not None and path is not None:
         raise ValueError(f"set {name} or {name}_file, not both")
     if path is not None:
-        text = path.read_text(encoding="utf-8").strip()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ValueError(f"cannot read {name}_file {path}: {error.strerror}") from None
         if not text:
             raise ValueError(f"{name}_file {path} is empty")
         return text.encode()
-    if value is not None and value.get_secret_value():
-        return value.get_secret_value().encode()
-    return None
+    text = value.get_secret_value().strip() if value is not None else ""
+    return text.encode() if text else None
 
 
 def is_read_only(method: str) -> bool:

@@ -111,9 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.check:
         return check()
-    generate(GENERATED)
+    regenerate_in_place()
     print(f"wrote {GENERATED.relative_to(REPO)}")
     return 0
+
+
+def regenerate_in_place() -> None:
+    """Builds next to control/_generated and swaps, so importers never see a half-written package."""
+    with tempfile.TemporaryDirectory(prefix=".codegen-", dir=GENERATED.parent) as tmp:
+        fresh = Path(tmp) / "_generated"
+        generate(fresh)
+        retired = Path(tmp) / "retired"
+        if GENERATED.exists():
+            GENERATED.rename(retired)
+        fresh.rename(GENERATED)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,12 @@ class ControlSettings(BaseSettings):
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get on stop.")
 
     @model_validator(mode="after")
-    def _check_tls(self) -> Self:
+    def _check(self) -> Self:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("OUTBOX_CONTROL_TLS_CLIENT_CA needs OUTBOX_CONTROL_TLS_CERT and _KEY")
+        self.tokens()  # token mistakes surface as a configuration error, before anything starts
         return self
 
     def tokens(self) -> Tokens:
@@ -124,6 +125,8 @@ class ControlServer:
 
     @property
     def address(self) -> str:
+        if self.settings.addr.startswith("unix"):
+            return self.settings.addr
         host = self.settings.addr.rsplit(":", 1)[0]
         return f"{host}:{self._port}"
 

@@ -246,23 +246,25 @@ class ControlStore:
 
         A large replay is therefore several transactions: if the call dies half-way, the chunks done stay
         done, and repeating the request (same request_id) resumes where it stopped, because rows already
-        replayed under this request_id count as replayed and are not replayed again.
+        replayed under this request_id count as replayed and are not replayed again. Each replay_log row
+        (dead letter, request_id, replayed_by) commits with the outbox row it made; the audit row and the
+        stored result commit with the last chunk.
         """
         run = _ReplayRun(request, self._pacing.chunk)
         started = time.monotonic()
-        async with self._pool.acquire(timeout=deadline.left()) as conn:
-            while True:
-                async with conn.transaction():
-                    stored = await self._enter_replay(conn, run, audit, deadline)
-                    if stored is not None:
-                        return stored
-                    await self._replay_chunk(conn, run, audit, deadline)
-                    if run.finished:
-                        if not request.dry_run:
-                            await self._finish_replay(conn, run, audit, deadline)
-                        return run.result
-                if not request.dry_run:
-                    await self._pace(run.result.replayed_count + run.result.skipped_count, started)
+        while True:
+            # A connection per chunk: a long, paced replay must not hold one while it sleeps.
+            async with self._pool.acquire(timeout=deadline.left()) as conn, conn.transaction():
+                stored = await self._enter_replay(conn, run, audit, deadline)
+                if stored is not None:
+                    return stored
+                await self._replay_chunk(conn, run, audit, deadline)
+                if run.finished:
+                    if not request.dry_run:
+                        await self._finish_replay(conn, run, audit, deadline)
+                    return run.result
+            if not request.dry_run:
+                await self._pace(run.result.replayed_count + run.result.skipped_count, started)
 
     async def _enter_replay(
         self, conn: asyncpg.Connection, run: _ReplayRun, audit: Audit, deadline: Deadline

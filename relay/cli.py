@@ -16,7 +16,9 @@ from relay.config import DatabaseSettings, RelaySettings
 from relay.dburl import redact
 from relay.logs import setup_logging
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
+)
 log = logging.getLogger("relay.cli")
 SettingsT = TypeVar("SettingsT", bound=DatabaseSettings)
 
@@ -51,6 +53,8 @@ def migrate(
     setup_logging(log_level)
     settings = _settings(DatabaseSettings)
     if sql:
+        if downgrade:
+            raise _fail("--sql prints upgrades only; review a downgrade in relay/migrations/versions/")
         sys.stdout.write(migrations.offline_sql(settings, revision, partitions=partitions))
         return
     try:
@@ -77,16 +81,19 @@ def run(
     """Run one relay instance until SIGTERM. All settings come from OUTBOX_* env vars."""
     settings = _settings(RelaySettings)
     setup_logging(log_level, instance_id=settings.instance_id)
-    if migrate_first or settings.run_migrations:
-        migrations.upgrade(settings, partitions=settings.partitions)
     from relay.service import RelayService, SchemaBehindError, run_until_signalled
 
     try:
+        if migrate_first or settings.run_migrations:
+            migrations.upgrade(settings, partitions=settings.partitions)
         asyncio.run(run_until_signalled(RelayService(settings)))
     except SchemaBehindError as exc:
         raise _fail(str(exc), 3) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
+        log.debug("relay failed", exc_info=True)
+        raise _fail(f"relay failed: {type(exc).__name__}: {exc}", 1) from None
 
 
 @app.command()

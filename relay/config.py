@@ -6,7 +6,7 @@ import os
 import re
 import socket
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -37,7 +37,9 @@ def validate_schema_name(name: str) -> str:
 class DatabaseSettings(BaseSettings):
     """What every command that touches the database needs."""
 
-    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="OUTBOX_", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     database_url: SecretStr = Field(
         SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -92,7 +94,7 @@ class RelaySettings(DatabaseSettings):
     statement_cache_size: int = Field(100, ge=0, description="0 behind PgBouncer transaction pooling < 1.21.")
     shutdown_grace: float = Field(20.0, gt=0, description="Seconds in-flight batches get on SIGTERM.")
 
-    kafka_acks: str = Field("all")
+    kafka_acks: Literal["all", "0", "1", "-1"] = Field("all", description="Producer acks; keep all.")
     kafka_compression: str | None = Field(None, description="gzip, snappy, lz4, zstd or unset.")
     kafka_linger_ms: int = Field(5, ge=0)
     kafka_max_request_size: int = Field(1_048_576, ge=1024)
@@ -122,7 +124,7 @@ class RelaySettings(DatabaseSettings):
         shards: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in value.split(","))):
             topic, sep, count = item.partition("=")
-            if not sep or not count.isdigit() or int(count) < 1:
+            if not sep or not topic.strip() or not count.isdigit() or int(count) < 1:
                 raise ValueError(f"OUTBOX_REDIS_SHARDS item {item!r} must be topic=N with N >= 1")
             shards[topic.strip()] = int(count)
         return shards

@@ -84,7 +84,7 @@ class Coordinator:
         lease = self._leases.pop(partition_lease(partition), None)
         if lease is not None:
             self._metrics.lease("lost")
-            log.warning("lease lost", extra={"lease": lease.name, "token": lease.token})
+            log.warning("lease lost", extra={"lease": lease.name, "fence": lease.token})
         entry = self._workers.pop(partition, None)
         if entry is not None:
             entry[0].stop()
@@ -161,7 +161,7 @@ class Coordinator:
         worker = PartitionWorker(partition, lease, self._ctx)
         self._workers[partition] = (worker, asyncio.create_task(worker.run(), name=f"partition-{partition}"))
         self._metrics.lease("acquired")
-        log.info("lease acquired", extra={"lease": name, "token": token})
+        log.info("lease acquired", extra={"lease": name, "fence": token})
         return True
 
     def _retire(self, partition: int) -> None:
@@ -182,7 +182,7 @@ class Coordinator:
         if lease is not None:
             with contextlib.suppress(*TRANSIENT_DB_ERRORS):
                 await self._store.release_leases([lease.name], [lease.token], self._instance)
-            log.info("lease released", extra={"lease": lease.name, "token": lease.token})
+            log.info("lease released", extra={"lease": lease.name, "fence": lease.token})
 
     async def _elect(self) -> None:
         if LEADER in self._leases:
@@ -192,7 +192,7 @@ class Coordinator:
         if token is None:
             return
         self._leases[LEADER] = Lease.granted(LEADER, self._instance, token, asked_at, self._ttl)
-        log.info("became leader", extra={"lease": LEADER, "token": token})
+        log.info("became leader", extra={"lease": LEADER, "fence": token})
         self._leader_task = asyncio.create_task(self._maintenance.run(), name="maintenance")
 
     def _step_down(self) -> None:

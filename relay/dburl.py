@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-_PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", re.IGNORECASE)
+# The password runs to the last '@' of the authority, since a raw '@' may appear inside it.
+_PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^/\s]*@", re.IGNORECASE)
+_PASSWORD_IN_QUERY = re.compile(r"(?P<lead>[?&](?:password|sslpassword)=)[^&\s]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """Replace the password of every URL in `text` with ***."""
-    return _PASSWORD_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _PASSWORD_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _PASSWORD_IN_QUERY.sub(lambda m: f"{m['lead']}***", text)
 
 
 def plain_postgres_url(url: str) -> str:

@@ -15,7 +15,10 @@ class Backoff:
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before attempt `attempt + 1`, with "equal jitter": between half and all of the
         exponential value, so retries of many events spread out instead of arriving together."""
-        exponential = min(self.maximum, self.initial * self.multiplier ** max(attempt - 1, 0))
+        try:
+            exponential = min(self.maximum, self.initial * self.multiplier ** max(attempt - 1, 0))
+        except OverflowError:  # e.g. the 1025th failure of a long outage: far past the cap anyway
+            exponential = self.maximum
         return exponential / 2 + (rng or random).uniform(0, exponential / 2)
 
 

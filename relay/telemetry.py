@@ -31,12 +31,16 @@ def prometheus_meter_provider(registry: CollectorRegistry) -> metrics.MeterProvi
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
     reader = PrometheusMetricReader(registry=registry, disable_target_info=True, scope_info_enabled=False)
-    latency_view = View(
-        instrument_type=Histogram,
-        instrument_name="outbox_commit_to_ack_latency",
-        aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
-    )
-    return MeterProvider(metric_readers=[reader], views=[latency_view])
+    # Second-valued histograms need second-sized buckets (the SDK default tops out at 10000).
+    seconds_views = [
+        View(
+            instrument_type=Histogram,
+            instrument_name=name,
+            aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
+        )
+        for name in ("outbox_commit_to_ack_latency", "outbox_claim_duration", "outbox_settle_duration")
+    ]
+    return MeterProvider(metric_readers=[reader], views=seconds_views)
 
 
 _tracing_configured = False

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -74,7 +75,9 @@ def settle_plan(
     sent: Sequence[OutboxRow], results: Sequence[PublishResult], policy: RetryPolicy
 ) -> Settlement:
     """Per result: settle, schedule a retry, or archive. After a failure, the same key's later
-    events are left untouched (no attempt counted) so they stay behind it."""
+    events that also failed are left untouched (no attempt counted) so they stay behind it. One
+    that the broker did accept is settled: it is out, and publishing it again would not undo that.
+    (Rare: a key's events share a Kafka partition or Redis stream, which fail as one.)"""
     out = Settlement()
     failed_keys: set[tuple[str, str]] = set()
     for row, result in zip(sent, results, strict=True):
@@ -178,12 +181,14 @@ class PartitionWorker:
         results = await self._publish(plan.send)
         if results is None:
             return False
+        failures = Counter(result.reason or result.outcome.value for result in results if not result.ok)
+        for kind, count in failures.items():
+            ctx.metrics.publish_failed(kind, count)
         outcome = settle_plan(plan.send, results, ctx.policy)
         outcome.dead.extend((row, r.reason, r.error) for row, r in plan.reject)
         await self._settle(outcome)
         if outcome.unavailable:
             delay = ctx.sink_backoff.failed()
-            ctx.metrics.publish_failed("broker_unavailable", outcome.unavailable)
             log.warning(
                 "partition %s: sink unavailable for %s events; backing off %.1fs",
                 self.partition,

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.config import RelaySettings
@@ -60,6 +60,13 @@ class RedisSink:
                 socket_connect_timeout=5,
                 health_check_interval=10,
             )
+            # Readiness should not wait for the first event routed here; an unreachable Redis at
+            # start is not fatal (publish retries it), it only leaves the sink "not connected".
+            try:
+                await self._client.ping()
+                self._connected = True
+            except (RedisError, OSError) as exc:
+                log.warning("redis not reachable yet: %s", type(exc).__name__)
 
     async def stop(self) -> None:
         client, self._client = self._client, None

@@ -581,17 +581,18 @@ async def test_concurrent_identical_replays_replay_once(
 async def test_concurrent_different_replays_replay_once(
     client: Client, pg: asyncpg.Connection, schema: str
 ) -> None:
-    dead = [await add_dead_letter(pg, schema) for _ in range(30)]
+    for round_ in range(3):
+        dead = [await add_dead_letter(pg, schema, topic=f"round-{round_}") for _ in range(30)]
 
-    results = await asyncio.gather(*(
-        client.ReplayDeadLetters(pb.ReplayDeadLettersRequest(request_id=f"operator-{n}", ids=dead))
-        for n in range(6)
-    ))
+        results = await asyncio.gather(*(
+            client.ReplayDeadLetters(pb.ReplayDeadLettersRequest(request_id=f"r{round_}-{n}", ids=dead))
+            for n in range(6)
+        ))
 
-    assert sum(r.replayed_count for r in results) == 30
-    assert all(r.replayed_count + r.skipped_already_replayed_count == 30 for r in results)
-    assert set((await replays_of(pg, schema, dead)).values()) == {1}
-    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == 30
+        assert sum(r.replayed_count for r in results) == 30
+        assert all(r.replayed_count + r.skipped_already_replayed_count == 30 for r in results)
+        assert set((await replays_of(pg, schema, dead)).values()) == {1}
+    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == 90
 
 
 async def test_large_replay_is_chunked_paced_and_ordered(
@@ -619,6 +620,30 @@ async def test_large_replay_is_chunked_paced_and_ordered(
         f'SELECT count(DISTINCT xmin::text) FROM "{schema}".outbox'
     )
     assert transactions == 3
+
+
+@pytest.mark.parametrize("force", [False, True])
+async def test_concurrent_identical_chunked_replays_replay_once(
+    database_url: str, pg: asyncpg.Connection, schema: str, force: bool
+) -> None:
+    dead = [await add_dead_letter(pg, schema, key=f"k{n % 3}") for n in range(11)]
+    server = await start_server(database_url, schema, replay_batch_size=3, pool_size=8)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            request = pb.ReplayDeadLettersRequest(
+                request_id="chunked", filter=pb.DeadLetterFilter(topic="orders"), force=force
+            )
+            results = await asyncio.gather(*(Client(channel).ReplayDeadLetters(request) for _ in range(5)))
+            # Archived after the request started: not part of it, even for a late identical call.
+            await add_dead_letter(pg, schema)
+            late = await Client(channel).ReplayDeadLetters(request)
+    finally:
+        await server.stop(0)
+
+    assert all(r == results[0] for r in [*results, late])
+    assert list(results[0].replayed_ids) == dead
+    assert set((await replays_of(pg, schema, dead)).values()) == {1}
+    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == len(dead)
 
 
 async def test_interrupted_replay_resumes(client: Client, pg: asyncpg.Connection, schema: str) -> None:

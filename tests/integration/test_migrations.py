@@ -85,9 +85,7 @@ def test_partition_is_computed_for_plain_sql_inserts(schema: str, db: psycopg.Co
     assert 0 <= first[2] < PARTITIONS
     assert second[2] == first[2], "the same key must always map to the same partition"
     assert second[0] > first[0]
-    expected = db.execute(
-        "SELECT (hashtext('order-1')::bigint & 2147483647) %% %s", (PARTITIONS,)
-    ).fetchone()
+    expected = db.execute("SELECT (hashtext('order-1')::bigint & 2147483647) %% %s", (PARTITIONS,)).fetchone()
     assert expected == (first[2],)
 
 
@@ -146,7 +144,9 @@ def test_a_json_object_header_is_accepted(schema: str, db: psycopg.Connection) -
         f"INSERT INTO {schema}.outbox (topic, payload, headers) VALUES ('orders', '\\x00', %s::jsonb)",
         ('{"content-type": "application/json"}',),
     )
-    assert db.execute(f"SELECT headers FROM {schema}.outbox").fetchone() == ({"content-type": "application/json"},)
+    assert db.execute(f"SELECT headers FROM {schema}.outbox").fetchone() == (
+        {"content-type": "application/json"},
+    )
 
 
 @pytest.mark.parametrize("topic", ["", "x" * 250])
@@ -159,15 +159,14 @@ def test_a_topic_of_249_characters_is_accepted(schema: str, db: psycopg.Connecti
     db.execute(f"INSERT INTO {schema}.outbox (topic, payload) VALUES (%s, '\\x00')", ("x" * 249,))
 
 
-@pytest.mark.parametrize(
-    ("column", "value"),
-    [("topic", None), ("payload", None)],
-)
-def test_topic_and_payload_are_required(schema: str, db: psycopg.Connection, column: str, value: None) -> None:
+@pytest.mark.parametrize("column", ["topic", "payload"])
+def test_topic_and_payload_are_required(schema: str, db: psycopg.Connection, column: str) -> None:
     values = {"topic": "'orders'", "payload": "'\\x00'"}
     values[column] = "NULL"
     with pytest.raises(errors.NotNullViolation):
-        db.execute(f"INSERT INTO {schema}.outbox (topic, payload) VALUES ({values['topic']}, {values['payload']})")
+        db.execute(
+            f"INSERT INTO {schema}.outbox (topic, payload) VALUES ({values['topic']}, {values['payload']})"
+        )
 
 
 @pytest.mark.parametrize("column", ["id", "partition"])
@@ -181,9 +180,9 @@ def test_partition_count_is_recorded_and_used(database_url: str, db: psycopg.Con
     settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
     try:
         migrate.upgrade(settings, partitions=4)
-        assert db.execute(f"SELECT value FROM {name}.relay_settings WHERE name = 'partitions'").fetchone() == (
-            "4",
-        )
+        assert db.execute(
+            f"SELECT value FROM {name}.relay_settings WHERE name = 'partitions'"
+        ).fetchone() == ("4",)
         rows = db.execute(
             f"INSERT INTO {name}.outbox (topic, key, payload)"
             " SELECT 'orders', 'k' || g, '\\x00' FROM generate_series(1, 100) g RETURNING partition"

@@ -195,8 +195,11 @@ class ControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReplayDeadLetters(self, request, context):
-        """ReplayDeadLetters inserts dead letters back into the outbox as new events. Idempotent per
+        """ReplayDeadLetters inserts dead letters back into the outbox as new events (new message_id,
+        headers x-replayed-from and x-replay-request added), in dead-letter id order. Idempotent per
         request_id; without force each dead letter is replayed at most once, whatever the request.
+        Large replays run as several transactions, paced by the server's replay rate; if a call fails
+        part-way, the part done stays done and repeating it with the same request_id finishes it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
