@@ -42,7 +42,6 @@ from clients.control import (
     Page,
     Pause,
     PermissionDenied,
-    PurgeResult,
     ReplayResult,
     Status,
     StuckEvent,
@@ -141,9 +140,15 @@ def _global_options(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
 ) -> None:
-    ctx.obj = Options(
+    options = Options(
         addr, token, token_file, tls_ca, tls_cert, tls_key, tls_server_name, timeout, operator, json_output
     )
+    ctx.obj = options
+    _ACTIVE[:] = [options]
+
+
+# The options of the running command, so that even an unexpected error's text gets the token redacted.
+_ACTIVE: list[Options] = []
 
 
 def _options(ctx: typer.Context) -> Options:
@@ -228,7 +233,7 @@ def parse_duration(text: str, option: str) -> timedelta:
 
 
 def parse_time(text: str | None, option: str) -> datetime | None:
-    """ISO-8601 (naive means UTC), or a duration meaning that long ago ('2h': two hours ago)."""
+    """ISO-8601 (naive means UTC), 'now', or a duration meaning that long ago ('2h': two hours ago)."""
     if text is None:
         return None
     value = text.strip()
@@ -237,12 +242,18 @@ def parse_time(text: str | None, option: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        if _DURATION_PART.fullmatch(value) or "".join(_DURATION_PART.findall(value) and [value]) == value:
-            pass
-        if not _DURATION_PART.match(value):
+        if not _DURATION_PART.match(value) and not _is_number(value):
             _fail(f"{option}: {text!r} is neither an ISO-8601 time nor a duration like 2h (ago)", EXIT_USAGE)
         return datetime.now(UTC) - parse_duration(value, option)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -446,8 +457,8 @@ def release_lock(
 @app.command()
 def pause(
     ctx: typer.Context,
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the other operators.")],
     pattern: Annotated[str, typer.Argument(help="Shell-style topic glob; '*' (default) pauses every topic.")] = "*",
-    reason: Annotated[str, typer.Option("--reason", help="Why, for the other operators.")] = ...,  # type: ignore[assignment]
     ttl: Annotated[str | None, typer.Option("--ttl", help="End the pause by itself after 30m, 2h, 1h30m...")] = None,
 ) -> None:
     """Stop publishing topics matching PATTERN (again: replaces its reason and expiry)."""
@@ -512,7 +523,7 @@ def _stuck_table(items: Sequence[StuckEvent]) -> Table:
 def park(
     ctx: typer.Context,
     event: Annotated[str, typer.Argument(metavar="ID", help="Outbox id or message UUID of an unpublished event.")],
-    reason: Annotated[str, typer.Option("--reason", help="Why, kept in the dead letter.")] = ...,  # type: ignore[assignment]
+    reason: Annotated[str, typer.Option("--reason", help="Why, kept in the dead letter.")],
     yes: YesOption = False,
 ) -> None:
     """Move an unpublished event to the dead-letter archive now (reason 'operator')."""
@@ -744,8 +755,8 @@ def _click_exception(name: str) -> type[Exception]:
     return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `outboxctl` console script. Returns (and exits with) the process exit code."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `outboxctl` console script: runs one command and exits with its exit code."""
     usage_error = _click_exception("UsageError")
     try:
         result = app(args=list(argv) if argv is not None else None, prog_name=_PROG, standalone_mode=False)
@@ -766,12 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         typer.echo(f"{_PROG}: interrupted", err=True)
         code = 130
     except Exception as error:  # one line, never a traceback that could hold a token
-        typer.echo(f"{_PROG}: error: unexpected {type(error).__name__}: {_redact(str(error), _last_options())}", err=True)
+        typer.echo(f"{_PROG}: error: unexpected {type(error).__name__}: {_redact(str(error), _ACTIVE[0] if _ACTIVE else None)}", err=True)
         code = EXIT_OTHER
     else:
         code = result if isinstance(result, int) else EXIT_OK
     sys.exit(code)
-
-
-def _last_options() -> Options | None:
-    return None
