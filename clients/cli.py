@@ -1,11 +1,8 @@
 """`outboxctl`: operate an Outbox Relay cluster through its gRPC control plane.
 
-Connection settings come from the global options or the OUTBOX_CONTROL_* environment variables
-(OUTBOX_CONTROL_ADDR, OUTBOX_CONTROL_TOKEN or OUTBOX_CONTROL_TOKEN_FILE, OUTBOX_CONTROL_TLS_CA,
-OUTBOX_CONTROL_TLS_CERT/_KEY, OUTBOX_CONTROL_TLS_SERVER_NAME, OUTBOX_CONTROL_TIMEOUT).
+Connection settings come from the global options or from the environment: OUTBOX_CONTROL_ADDR, OUTBOX_CONTROL_TOKEN (or OUTBOX_CONTROL_TOKEN_FILE), OUTBOX_CONTROL_TLS_CA, OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY, OUTBOX_CONTROL_TLS_SERVER_NAME, OUTBOX_CONTROL_TIMEOUT.
 
-Exit codes: 0 ok, 1 other error, 2 bad argument, 3 cannot connect (or deadline exceeded),
-4 unauthenticated, 5 permission denied, 6 not found, 7 failed precondition.
+Exit codes: 0 ok, 1 other error, 2 bad argument, 3 cannot connect or deadline exceeded, 4 unauthenticated, 5 permission denied, 6 not found, 7 failed precondition.
 """
 
 from __future__ import annotations
@@ -105,38 +102,38 @@ class Options:
 def _global_options(
     ctx: typer.Context,
     addr: Annotated[
-        str | None, typer.Option("--addr", help="host:port of the control plane [env OUTBOX_CONTROL_ADDR; default 127.0.0.1:50051].")
+        str | None, typer.Option("--addr", help="host:port of the control plane (env OUTBOX_CONTROL_ADDR, default 127.0.0.1:50051).")
     ] = None,
     token: Annotated[
         str | None,
         typer.Option(
             "--token",
-            help="Bearer token [env OUTBOX_CONTROL_TOKEN]. Prefer the env var or --token-file: "
+            help="Bearer token (env OUTBOX_CONTROL_TOKEN). Prefer the env var or --token-file: "
             "command lines are visible to other users.",
             show_default=False,
         ),
     ] = None,
     token_file: Annotated[
-        Path | None, typer.Option("--token-file", help="File holding the token [env OUTBOX_CONTROL_TOKEN_FILE].")
+        Path | None, typer.Option("--token-file", help="File holding the token (env OUTBOX_CONTROL_TOKEN_FILE).")
     ] = None,
     tls_ca: Annotated[
-        Path | None, typer.Option("--tls-ca", help="PEM CA of the server certificate; enables TLS [env OUTBOX_CONTROL_TLS_CA].")
+        Path | None, typer.Option("--tls-ca", help="PEM CA of the server certificate; enables TLS (env OUTBOX_CONTROL_TLS_CA).")
     ] = None,
     tls_cert: Annotated[
-        Path | None, typer.Option("--tls-cert", help="PEM client certificate for mTLS [env OUTBOX_CONTROL_TLS_CERT].")
+        Path | None, typer.Option("--tls-cert", help="PEM client certificate for mTLS (env OUTBOX_CONTROL_TLS_CERT).")
     ] = None,
     tls_key: Annotated[
-        Path | None, typer.Option("--tls-key", help="PEM key of --tls-cert [env OUTBOX_CONTROL_TLS_KEY].")
+        Path | None, typer.Option("--tls-key", help="PEM key of --tls-cert (env OUTBOX_CONTROL_TLS_KEY).")
     ] = None,
     tls_server_name: Annotated[
         str | None,
-        typer.Option("--tls-server-name", help="Name expected in the server certificate [env OUTBOX_CONTROL_TLS_SERVER_NAME]."),
+        typer.Option("--tls-server-name", help="Name expected in the server certificate (env OUTBOX_CONTROL_TLS_SERVER_NAME)."),
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Seconds per call, retries included [env OUTBOX_CONTROL_TIMEOUT; default 10].")
+        float | None, typer.Option("--timeout", help="Seconds per call, retries included (env OUTBOX_CONTROL_TIMEOUT, default 10).")
     ] = None,
     operator: Annotated[
-        str | None, typer.Option("--operator", help="Who is acting, for the audit log [env OUTBOX_CONTROL_OPERATOR; default: your user].")
+        str | None, typer.Option("--operator", help="Who is acting, for the audit log (env OUTBOX_CONTROL_OPERATOR, default: your user).")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
 ) -> None:

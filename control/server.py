@@ -14,12 +14,14 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import metrics
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.auth import CONTROL_SERVICE, AuthInterceptor, Tokens, load_tokens
+from control.metrics import MetricsInterceptor
 from control.servicer import ControlServicer
 from control.store import ControlStore, ReplayPacing
 from relay.config import DatabaseSettings
@@ -40,16 +42,24 @@ class ControlSettings(BaseSettings):
     addr: str = Field("127.0.0.1:50051", description="host:port to listen on (port 0: any free port).")
     read_token: SecretStr | None = Field(None, description="Bearer token for Get*/List* RPCs. Never logged.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for every RPC. Never logged.")
-    read_token_file: Path | None = Field(None, description="File holding the read token (instead of read_token).")
+    read_token_file: Path | None = Field(
+        None, description="File holding the read token (instead of read_token)."
+    )
     admin_token_file: Path | None = Field(None, description="File holding the admin token.")
-    tls_cert: Path | None = Field(None, description="PEM server certificate (chain); enables TLS with tls_key.")
+    tls_cert: Path | None = Field(
+        None, description="PEM server certificate (chain); enables TLS with tls_key."
+    )
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
-    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; requires client certificates (mTLS).")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; requires client certificates (mTLS)."
+    )
     allow_insecure: bool = Field(False, description="Serve on a non-loopback address without tokens.")
     replay_rate: int = Field(5000, ge=1, description="Dead letters replayed per second at most.")
     replay_batch_size: int = Field(1000, ge=1, le=10_000, description="Dead letters per replay transaction.")
     max_page_size: int = Field(1000, ge=1, le=1000, description="Largest page_size a List RPC accepts.")
-    instance_timeout: float = Field(30.0, gt=0, description="Seconds without heartbeat before an instance is gone.")
+    instance_timeout: float = Field(
+        30.0, gt=0, description="Seconds without heartbeat before an instance is gone."
+    )
     pool_size: int = Field(4, ge=1, description="Database connections, when the server owns its pool.")
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get on stop.")
 
@@ -109,8 +119,10 @@ class ControlServer:
         database: DatabaseSettings | None = None,
         *,
         pool: asyncpg.Pool | None = None,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self.settings = settings or ControlSettings()
+        self._meter = meter
         self.database = database or DatabaseSettings()
         self._pool = pool
         self._owns_pool = pool is None
@@ -137,8 +149,10 @@ class ControlServer:
         check_exposure(self.settings.addr, tokens, self.settings.allow_insecure)
         credentials = server_credentials(self.settings)
         if tokens.enabled and credentials is None and not is_loopback(self.settings.addr):
-            log.warning("control plane on %s without TLS: bearer tokens cross the network in clear text",
-                        self.settings.addr)
+            log.warning(
+                "control plane on %s without TLS: bearer tokens cross the network in clear text",
+                self.settings.addr,
+            )
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
                 plain_postgres_url(self.database.database_url.get_secret_value()),
@@ -152,7 +166,10 @@ class ControlServer:
             raise
         log.info(
             "control plane listening on %s (tls=%s, client certificates=%s, auth=%s)",
-            self.address, credentials is not None, self.settings.tls_client_ca is not None, tokens,
+            self.address,
+            credentials is not None,
+            self.settings.tls_client_ca is not None,
+            tokens,
         )
 
     async def _start_grpc(self, tokens: Tokens, credentials: grpc.ServerCredentials | None) -> None:
@@ -164,14 +181,22 @@ class ControlServer:
             instance_timeout=self.settings.instance_timeout,
         )
         # so_reuseport off: a second server on a taken port must fail instead of sharing it.
-        server = grpc.aio.server(interceptors=[AuthInterceptor(tokens)], options=[("grpc.so_reuseport", 0)])
+        interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(tokens)]
+        if self._meter is not None:
+            # Outermost, so denied calls are counted with their status too.
+            interceptors.insert(0, MetricsInterceptor(self._meter))
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ControlServiceServicer_to_server(
             ControlServicer(store, max_page_size=self.settings.max_page_size), server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [pb.DESCRIPTOR.services_by_name["ControlService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            [
+                pb.DESCRIPTOR.services_by_name["ControlService"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         if credentials is None:

@@ -129,7 +129,8 @@ class RelayService:
         from control.server import ControlServer, ControlSettings
 
         control_settings = ControlSettings(addr=self.settings.control_addr)
-        self.control = ControlServer(control_settings, self.settings, pool=self.store.pool)
+        meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
+        self.control = ControlServer(control_settings, self.settings, pool=self.store.pool, meter=meter)
         await self.control.start()
 
     def _register_gauges(self) -> None:
