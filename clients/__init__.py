@@ -21,3 +21,30 @@ __all__ = [
     "enqueue",
     "enqueue_many",
 ]
+
+# The control-plane clients (gRPC ControlService); see clients.control for the result types.
+from clients.control import (
+    AsyncControlClient,
+    ControlClient,
+    ControlError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ += [
+    "AsyncControlClient",
+    "ControlClient",
+    "ControlError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Unauthenticated",
+    "Unavailable",
+]

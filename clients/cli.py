@@ -337,8 +337,7 @@ def _age(value: timedelta | None) -> str:
 
 
 def _cell(value: Any, limit: int = 80) -> Text:
-    text = "-" if value is None or value == "" else str(value)
-    text = " ".join(text.split()) if len(text) > 0 else text
+    text = "-" if value is None or value == "" else " ".join(str(value).split()) or "-"
     return Text(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
@@ -400,7 +399,7 @@ def _show_status(console: Console, s: Status) -> None:
                    f"dead letters: {s.dead_letter_count}    pauses: {len(s.pauses)}")
     now = s.server_time or datetime.now(UTC)
     console.print(_table("Instances", ["instance", "host", "pid", "version", "leader", "partitions", "heartbeat"], [
-        (i.instance_id, i.hostname, i.pid, i.version, "yes" if i.leader else "",
+        (i.instance_id, i.hostname, i.pid, i.version, "yes" if i.leader else "no",
          ",".join(map(str, i.partitions)), f"{_age(now - i.heartbeat_at) if i.heartbeat_at else '-'} ago")
         for i in s.instances
     ]))
@@ -426,7 +425,7 @@ def locks(ctx: typer.Context) -> None:
 def _locks_table(items: Sequence[Lock]) -> Table:
     return _table("Locks", ["name", "holder", "token", "acquired", "renewed", "expires", "expired"], [
         (lock.name, lock.holder, lock.token, _t(lock.acquired_at), _t(lock.renewed_at), _t(lock.expires_at),
-         "yes" if lock.expired else "")
+         "yes" if lock.expired else "no")
         for lock in items
     ])
 
@@ -665,7 +664,7 @@ def _show_dead_letter(console: Console, d: DeadLetter) -> None:
         _line(console, text if len(text) <= _PREVIEW else text[:_PREVIEW] + "…")
     if d.replays:
         console.print(_table("Replays", ["request id", "new message id", "forced", "by", "at"], [
-            (r.request_id, r.new_message_id, "yes" if r.forced else "", r.replayed_by, _t(r.replayed_at))
+            (r.request_id, r.new_message_id, "yes" if r.forced else "no", r.replayed_by, _t(r.replayed_at))
             for r in d.replays
         ]))
 

@@ -11,7 +11,9 @@ Both clients return plain frozen dataclasses (aware ``datetime``, ``timedelta``,
 protobuf messages, and raise one exception hierarchy, ``ControlError``, whose text is the server's
 message. The bearer token is kept out of every ``str()``/``repr()`` of clients and errors.
 
-Configuration: each argument of the constructors falls back to an environment variable:
+Configuration: each argument of the constructors falls back to an environment variable (note that
+OUTBOX_CONTROL_TLS_CERT/_KEY mean the *client* certificate here, and the server certificate to
+`outbox-relay control`: do not run the client with the server's environment):
 
     OUTBOX_CONTROL_ADDR             host:port of the control plane (default 127.0.0.1:50051)
     OUTBOX_CONTROL_TOKEN            bearer token (read or admin), or
@@ -19,6 +21,7 @@ Configuration: each argument of the constructors falls back to an environment va
     OUTBOX_CONTROL_TLS_CA           PEM CA bundle that signed the server's certificate: enables TLS
     OUTBOX_CONTROL_TLS_CERT/_KEY    PEM client certificate and key, for mTLS (enables TLS)
     OUTBOX_CONTROL_TLS_SERVER_NAME  expected name in the server certificate, if not the address host
+    OUTBOX_CONTROL_TLS              "true": TLS verified against the system CAs (no CA file needed)
     OUTBOX_CONTROL_TIMEOUT          per-call deadline in seconds (default 10)
     OUTBOX_CONTROL_OPERATOR         who is acting, recorded in the audit log (default: the OS user)
 
@@ -35,7 +38,9 @@ jitter (``retries`` more attempts, default 3) as long as the deadline leaves tim
 * ``resume``: a delete of the pattern's row, so repeating it converges too; if a first attempt did
   remove the pause but its answer was lost, the retry reports "nothing was paused" (``None``).
 
-Never retried, because a repeat after a lost answer would fail or act twice: ``release_lock`` (a
+A retried pause or resume writes one audit row per attempt that reached the server.
+
+Never retried, because a repeat after a lost answer would fail, misreport or act again: ``release_lock`` (a
 compare-and-release whose repeat fails with FailedPrecondition), ``park`` (whose repeat finds the
 event gone), and ``purge`` without dry_run. Those raise ``Unavailable`` and leave it to the caller
 to check the state (``locks()``, ``dead_letters()``) before trying again.
@@ -434,7 +439,15 @@ class ControlConfig:
         )
 
     def channel_options(self) -> list[tuple[str, Any]]:
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        options: list[tuple[str, Any]] = [
+            # Retries are ours (idempotent calls only, see the module docstring), not the channel's.
+            ("grpc.enable_retries", 0),
+            # Reconnect quickly after a refused connection, so that a retry can reach a restarted server
+            # within a short deadline (gRPC's default first reconnect backoff is 1 s, up to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
             options.append(("grpc.default_authority", self.tls_server_name))
@@ -871,6 +884,11 @@ class _Attempts:
         self.number += 1
         return left
 
+    def after(self, error: grpc.RpcError) -> float | ControlError:
+        """Seconds to wait before the next attempt, or the error to raise."""
+        delay = self.retry_delay(error)
+        return self.error(error) if delay is None else delay
+
     def retry_delay(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before retrying after `error`, or None if the call must not be retried."""
         if not self.call.idempotent or _code(error) != grpc.StatusCode.UNAVAILABLE:
@@ -983,12 +1001,13 @@ class AsyncControlClient(_ClientBase):
             try:
                 response = await method(call.request, timeout=timeout, metadata=metadata, wait_for_ready=False)
             except grpc.RpcError as error:
-                delay = attempts.retry_delay(error)
-                if delay is None:
-                    raise attempts.error(error) from None
-                await asyncio.sleep(delay)
-                continue
-            return call.convert(response)
+                outcome = attempts.after(error)
+            else:
+                return call.convert(response)
+            if isinstance(outcome, ControlError):
+                # Raised outside the except block: the RpcError is not even kept as __context__.
+                raise outcome
+            await asyncio.sleep(outcome)
 
     # -- reads --
 
@@ -1162,12 +1181,13 @@ class ControlClient(_ClientBase):
             try:
                 response = method(call.request, timeout=timeout, metadata=metadata, wait_for_ready=False)
             except grpc.RpcError as error:
-                delay = attempts.retry_delay(error)
-                if delay is None:
-                    raise attempts.error(error) from None
-                time.sleep(delay)
-                continue
-            return call.convert(response)
+                outcome = attempts.after(error)
+            else:
+                return call.convert(response)
+            if isinstance(outcome, ControlError):
+                # Raised outside the except block: the RpcError is not even kept as __context__.
+                raise outcome
+            time.sleep(outcome)
 
     # -- reads --
 

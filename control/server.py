@@ -37,7 +37,7 @@ class InsecureConfigurationError(ValueError):
 class ControlSettings(BaseSettings):
     """Everything the control plane reads. Each field is the env var `OUTBOX_CONTROL_<NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="OUTBOX_CONTROL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_CONTROL_", extra="ignore", env_ignore_empty=True)
 
     addr: str = Field("127.0.0.1:50051", description="host:port to listen on (port 0: any free port).")
     read_token: SecretStr | None = Field(None, description="Bearer token for Get*/List* RPCs. Never logged.")

@@ -67,6 +67,11 @@ class Coordinator:
     def is_leader(self) -> bool:
         return LEADER in self._leases
 
+    def trusted_leases(self) -> list[str]:
+        """The leases this instance may act on now: held, and renewed recently enough (during a
+        database outage they lapse here, even though no renewal has failed outright yet)."""
+        return [name for name, lease in self._leases.items() if lease.remaining() > 0]
+
     def wake(self, partition: int) -> None:
         entry = self._workers.get(partition)
         if entry is not None:

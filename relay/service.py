@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from relay.config import RelaySettings, SinkKind
 from relay.coordinator import Coordinator
+from relay.leases import LEADER
 from relay.maintenance import Maintenance
 from relay.migrate import head_revision
 from relay.notifications import InsertListener
@@ -71,6 +72,7 @@ class RelayService:
         self._stopped = asyncio.Event()
         self._stopping = False
         self.started = False
+        self.failure: str | None = None  # why a side task stopped the relay, if one did
 
     def _wake_all(self) -> None:
         if self.coordinator is not None:
@@ -136,9 +138,14 @@ class RelayService:
     def _register_gauges(self) -> None:
         instance = {"instance": self.settings.instance_id}
 
+        # Leases whose trust window lapsed (e.g. the database is unreachable) are not reported as
+        # held, so dashboards and OutboxNoLeader see the outage instead of frozen values.
+        def trusted() -> list[str]:
+            return self.coordinator.trusted_leases() if self.coordinator is not None else []
+
         def leader_only(values: list[tuple[float, dict[str, str]]]) -> list[tuple[float, dict[str, str]]]:
             # Fleet-wide figures come from the leader alone, so N instances do not report N copies.
-            return values if self.coordinator is not None and self.coordinator.is_leader else []
+            return values if LEADER in trusted() else []
 
         m = self.metrics
         m.gauge(
@@ -171,13 +178,13 @@ class RelayService:
             "outbox_partitions_held",
             "{partition}",
             "Partition leases this instance holds",
-            lambda: [(float(len(self.coordinator.held_partitions) if self.coordinator else 0), instance)],
+            lambda: [(float(sum(name != LEADER for name in trusted())), instance)],
         )
         m.gauge(
             "outbox_leader",
             "1",
             "1 when this instance holds the leader lease",
-            lambda: [(1.0 if self.coordinator and self.coordinator.is_leader else 0.0, instance)],
+            lambda: [(1.0 if LEADER in trusted() else 0.0, instance)],
         )
         m.gauge(
             "outbox_live_instances",
@@ -216,6 +223,7 @@ class RelayService:
         if task.cancelled() or self._stopping:
             return
         log.error("%s stopped unexpectedly: %r; shutting down", task.get_name(), task.exception())
+        self.failure = f"{task.get_name()} stopped unexpectedly: {task.exception()!r}"
         self.request_stop()
 
     def request_stop(self) -> None:
@@ -260,3 +268,5 @@ async def run_until_signalled(service: RelayService) -> None:
         await service.wait()
     finally:
         await service.stop()
+    if service.failure is not None:  # a non-zero exit, so supervisors (systemd on-failure) restart it
+        raise RuntimeError(service.failure)

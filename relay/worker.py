@@ -123,6 +123,11 @@ class PartitionWorker:
         self._stopping = False
         self._next_retry_at: float | None = None
         self._db_backoff = SinkBackoff(0.1, 5.0)
+        self._crash_backoff = SinkBackoff(1.0, 30.0)
+        # A publish we stopped waiting for: the producer may still deliver it, so its rows are not
+        # claimed (and sent) again until it resolves. Otherwise every wait during an outage would
+        # queue one more copy of the batch for delivery once the broker is back.
+        self._inflight: tuple[BatchPlan, asyncio.Task[list[PublishResult]]] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -151,9 +156,25 @@ class PartitionWorker:
                 )
                 await asyncio.sleep(delay)
                 continue
+            except Exception:
+                # A bug must not silently end the partition while its lease is still renewed.
+                delay = self._crash_backoff.failed()
+                log.exception("partition %s: unexpected error; retrying in %.1fs", self.partition, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._crash_backoff.succeeded()
             if full and not self._stopping:
                 continue
             await self._idle(ctx.settings.poll_interval)
+        await self._settle_inflight_on_stop()
+
+    async def _settle_inflight_on_stop(self) -> None:
+        """On the way out, settle a publish still awaiting its acknowledgement if the lease allows,
+        so the next owner does not send it again."""
+        if self._inflight is None or self.lease.remaining() <= 0:
+            return
+        with contextlib.suppress(*TRANSIENT_DB_ERRORS):
+            await self.process_batch()
 
     def _may_work(self) -> bool:
         return not self._ctx.pauses.globally_paused and self.lease.remaining() > 0
@@ -168,6 +189,13 @@ class PartitionWorker:
 
     async def process_batch(self) -> bool:
         """One claim-publish-settle round. True when the batch was full (more may be waiting)."""
+        if self._inflight is not None:
+            plan, task = self._inflight
+            results = await self._await_publish(task)
+            if results is None:
+                return False
+            self._inflight = None
+            return await self._after_publish(plan, results, claimed=len(plan.send))
         ctx, settings = self._ctx, self._ctx.settings
         fence = self.lease.fence
         claim_started = time.monotonic()
@@ -178,9 +206,13 @@ class PartitionWorker:
             return False
         ctx.metrics.claimed(len(rows), time.monotonic() - claim_started)
         plan = plan_batch(rows, settings.max_payload_bytes)
-        results = await self._publish(plan.send)
+        results = await self._publish(plan)
         if results is None:
             return False
+        return await self._after_publish(plan, results, claimed=len(rows))
+
+    async def _after_publish(self, plan: BatchPlan, results: list[PublishResult], claimed: int) -> bool:
+        ctx = self._ctx
         failures = Counter(result.reason or result.outcome.value for result in results if not result.ok)
         for kind, count in failures.items():
             ctx.metrics.publish_failed(kind, count)
@@ -199,34 +231,45 @@ class PartitionWorker:
             return False
         if outcome.published:
             ctx.sink_backoff.succeeded()
-        return len(rows) >= settings.batch_size
+        return claimed >= ctx.settings.batch_size
 
-    async def _publish(self, rows: list[OutboxRow]) -> list[PublishResult] | None:
-        if not rows or not tracing_enabled():
-            return await self._publish_untraced(rows)
+    async def _publish(self, plan: BatchPlan) -> list[PublishResult] | None:
+        """Results per sent row, or None when nothing can be settled yet (the lease's trust window
+        closed before sending, or the broker has not answered: see `_inflight`)."""
+        rows = plan.send
+        if not rows:
+            return []
+        if self.lease.remaining() <= 0:
+            log.warning("partition %s: lease may have lapsed; not publishing", self.partition)
+            return None
+        if not tracing_enabled():
+            return await self._start_publish(plan, rows)
         with tracer.start_as_current_span(
             "outbox batch", attributes={"outbox.partition": self.partition, "outbox.batch_size": len(rows)}
         ):
             traced, spans = start_publish_spans(rows, self.partition)
-            results = await self._publish_untraced(traced)
+            results = await self._start_publish(plan, traced)
             end_publish_spans(spans, results)
             return results
 
-    async def _publish_untraced(self, rows: list[OutboxRow]) -> list[PublishResult] | None:
-        """Publishes within the lease's trust window; None when the window has closed."""
-        if not rows:
-            return []
-        remaining = self.lease.remaining()
-        if remaining <= 0:
-            log.warning("partition %s: lease may have lapsed; not publishing", self.partition)
-            return None
-        timeout = min(self._ctx.settings.publish_timeout, remaining)
+    async def _start_publish(self, plan: BatchPlan, rows: list[OutboxRow]) -> list[PublishResult] | None:
+        task = asyncio.create_task(self._ctx.router.publish(rows), name=f"publish-{self.partition}")
+        results = await self._await_publish(task)
+        if results is None:
+            self._inflight = (plan, task)
+        return results
+
+    async def _await_publish(self, task: asyncio.Task[list[PublishResult]]) -> list[PublishResult] | None:
+        """Waits for broker acknowledgement, but no longer than the lease may be trusted."""
+        timeout = max(min(self._ctx.settings.publish_timeout, self.lease.remaining()), 0.1)
         try:
-            return await asyncio.wait_for(self._ctx.router.publish(rows), timeout=timeout)
+            return await asyncio.wait_for(asyncio.shield(task), timeout=timeout)
         except TimeoutError:
-            return [
-                PublishResult(Outcome.UNAVAILABLE, "publish_timeout", f"no ack within {timeout:.1f}s")
-            ] * len(rows)
+            self._ctx.metrics.publish_failed("publish_timeout", 1)
+            log.warning(
+                "partition %s: no broker acknowledgement within %.1fs; still waiting", self.partition, timeout
+            )
+            return None
 
     async def _settle(self, outcome: Settlement) -> None:
         ctx, fence = self._ctx, self.lease.fence

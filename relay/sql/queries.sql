@@ -22,7 +22,8 @@ WHERE o.partition = $1
       SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
   AND EXISTS (
       SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $4 AND l.holder = $5 AND l.token = $6 AND l.expires_at > now())
+      WHERE l.name = $4 AND l.name = 'partition:' || $1
+        AND l.holder = $5 AND l.token = $6 AND l.expires_at > now())
 ORDER BY o.id
 LIMIT $2
 FOR UPDATE OF o SKIP LOCKED;
@@ -38,7 +39,8 @@ DELETE FROM {schema}.outbox o
 WHERE o.id = ANY ($1::bigint[])
   AND EXISTS (
       SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+      WHERE l.name = $2 AND l.name = 'partition:' || o.partition
+        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
 
 -- settle_retain --
 UPDATE {schema}.outbox o
@@ -46,7 +48,8 @@ SET published_at = now()
 WHERE o.id = ANY ($1::bigint[])
   AND EXISTS (
       SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+      WHERE l.name = $2 AND l.name = 'partition:' || o.partition
+        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
 
 -- record_failures --
 -- $5: per-row delay in seconds before the next attempt; $6: per-row error text.
@@ -60,7 +63,8 @@ FROM unnest($1::bigint[], $5::float8[], $6::text[]) AS f(id, delay, error)
 WHERE o.id = f.id
   AND EXISTS (
       SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+      WHERE l.name = $2 AND l.name = 'partition:' || o.partition
+        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
 
 -- dead_letter --
 -- Moves rows to the archive in one statement: an event is in exactly one of the two tables.
@@ -70,7 +74,8 @@ WITH moved AS (
     WHERE o.id = f.id
       AND EXISTS (
           SELECT 1 FROM {schema}.distributed_locks l
-          WHERE l.name = $2 AND l.holder = $3 AND l.token = $4 AND l.expires_at > now())
+          WHERE l.name = $2 AND l.name = 'partition:' || o.partition
+        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now())
     RETURNING o.*, f.reason, f.error
 )
 INSERT INTO {schema}.dead_letter_archive

@@ -131,17 +131,24 @@ def logged(relay: RelayProcess, *phrases: str) -> bool:
     return any(phrase in text for phrase in phrases)
 
 
-def pause_changes(relay: RelayProcess) -> list[dict[str, object]]:
-    return [e for e in json_lines(relay.log()) if e.get("msg") == "pauses changed"]
+def pause_state(relay: RelayProcess) -> set[str]:
+    """The pause patterns a relay obeys, replayed from its "pauses changed" log lines."""
+    state: set[str] = set()
+    for entry in json_lines(relay.log()):
+        if entry.get("msg") == "pauses changed":
+            paused, resumed = entry.get("paused") or [], entry.get("resumed") or []
+            assert isinstance(paused, list) and isinstance(resumed, list), entry
+            state = (state | set(paused)) - set(resumed)
+    return state
 
 
-async def all_noticed(relays: Sequence[RelayProcess], changes: int, timeout: float) -> float:
-    """Waits until every relay has logged `changes` pause changes; returns how long that took."""
+async def all_obey(relays: Sequence[RelayProcess], patterns: set[str], timeout: float) -> float:
+    """Waits until every relay obeys exactly `patterns`; returns how long that took."""
 
-    async def noticed() -> bool:
-        return all(len(pause_changes(r)) >= changes for r in relays)
+    async def obeyed() -> bool:
+        return all(pause_state(r) == patterns for r in relays)
 
-    return await wait_until(noticed, timeout, interval=0.05, what=f"pause change #{changes} in every relay")
+    return await wait_until(obeyed, timeout, interval=0.05, what=f"every relay to obey pauses {patterns}")
 
 
 def alive(fleet: Fleet) -> None:
@@ -182,9 +189,9 @@ async def test_kafka_and_redis_outage_under_load_loses_nothing(
             for n in range(2):
                 fleet.spawn(f"relay-{n}")
             await all_partitions_held(fleet)
-            # ~5000 events over 200 keys, paced over ~25-30 s.
+            # ~5000 events over 200 keys, paced over ~30 s.
             writing = asyncio.create_task(
-                write_events(database_url, schema, list(topics.values()), total=5_000, keys=200, pace=0.2)
+                write_events(database_url, schema, list(topics.values()), total=5_000, keys=200, pace=0.25)
             )
 
             async def flowing() -> bool:
@@ -206,6 +213,9 @@ async def test_kafka_and_redis_outage_under_load_loses_nothing(
             assert len(written) == 5_000
             took = await drained(fleet, timeout=60)
             received = await read_both(endpoints.kafka_bootstrap, endpoints.redis_url, topics)
+            # Duplicates are allowed (at least once), and many arrive today: every publish that timed
+            # out against the frozen broker left its records in the Kafka producer, which sends them
+            # all once the broker thaws, next to the copies re-sent after the timeout.
             result = check_delivery(written, received)
             assert result["delivered"] == 5_000
             assert await dead_letters(fleet) == [], "an outage must not dead-letter anything"
@@ -474,12 +484,13 @@ async def test_pauses_written_to_the_database_stop_and_resume_publishing(
         await conn.execute(
             f"INSERT INTO {pauses} (topic_pattern, reason, paused_by) VALUES ('*', 'test', 'tester')"
         )
-        assert await all_noticed(relays, 1, timeout=1.5) <= 1.5
+        await all_obey(relays, {"*"}, timeout=1.5)
         held_back = await write(300, "kafka", "redis")
         await asyncio.sleep(3)
         assert not {w.message_id for w in held_back} & set(message_ids(await received()))
         assert await pending_count(fleet.database_url, fleet.schema) == 300
         await conn.execute(f"DELETE FROM {pauses} WHERE topic_pattern = '*'")
+        await all_obey(relays, set(), timeout=3)
         assert await drained(fleet, timeout=10) < 5
         check_delivery(written, await received())
 
@@ -487,7 +498,7 @@ async def test_pauses_written_to_the_database_stop_and_resume_publishing(
         await conn.execute(
             f"INSERT INTO {pauses} (topic_pattern, reason, paused_by) VALUES ('kt.*', 'test', 'tester')"
         )
-        await all_noticed(relays, 3, timeout=1.5)
+        await all_obey(relays, {"kt.*"}, timeout=3)
         new = await write(400, "kafka", "redis")
         to_redis = [w for w in new if w.topic == topics["redis"]]
         to_kafka = [w for w in new if w.topic == topics["kafka"]]
@@ -505,6 +516,7 @@ async def test_pauses_written_to_the_database_stop_and_resume_publishing(
         kafka_arrived = set(message_ids(await read_kafka(stack.kafka_bootstrap, topics["kafka"])))
         assert not {w.message_id for w in to_kafka} & kafka_arrived
         await conn.execute(f"DELETE FROM {pauses} WHERE topic_pattern = 'kt.*'")
+        await all_obey(relays, set(), timeout=3)
         await drained(fleet, timeout=10)
         check_delivery(written, await received())
 
@@ -514,12 +526,13 @@ async def test_pauses_written_to_the_database_stop_and_resume_publishing(
             "VALUES ('*', 'test', 'tester', now() + interval '2 seconds')"
         )
         paused_at = time.monotonic()
-        await all_noticed(relays, 5, timeout=1.5)
+        await all_obey(relays, {"*"}, timeout=1.5)
         await write(100, "kafka", "redis")
         await asyncio.sleep(max(0.0, paused_at + 1.0 - time.monotonic()))
         assert await pending_count(fleet.database_url, fleet.schema) == 100
         await drained(fleet, timeout=10)
         assert time.monotonic() - paused_at >= 2.0
+        await all_obey(relays, set(), timeout=3)
         result = check_delivery(written, await received())
         assert result == {"delivered": 800, "duplicates": 0}
         assert await conn.fetchval(f"SELECT count(*) FROM {pauses}") == 1, "the expired row stays"

@@ -1,12 +1,13 @@
-"""Configuration without a database: docs/configuration.md lists every setting with its real default,
-OUTBOX_* variables parse (or fail clearly), routes pick sinks, and URLs are redacted."""
+"""Configuration without a database: docs/configuration.md lists every setting (relay, control plane and
+outboxctl client) with its real default, OUTBOX_* variables parse (or fail clearly), routes pick sinks,
+and URLs are redacted."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -14,26 +15,106 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
+from pydantic_settings import BaseSettings
 from typer.testing import CliRunner
 
+from clients.control import DEFAULT_ADDR, DEFAULT_TIMEOUT, ControlConfig
+from control.server import ControlSettings
 from relay.cli import app
 from relay.config import DatabaseSettings, RelaySettings, SettleMode, SinkKind
 from relay.dburl import redact
 from relay.sinks.router import Route, Router, parse_routes
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-# Variables the docs may name that are not RelaySettings fields (CLI options read from the environment).
+# Variables the docs may name that are not settings fields (CLI options read from the environment).
 NON_FIELD_VARIABLES = {"OUTBOX_LOG_LEVEL"}
+# The server-side settings, each with the command whose default the docs must give for it.
+SETTINGS_CLASSES: list[tuple[type[BaseSettings], str]] = [
+    (DatabaseSettings, "migrate"),
+    (RelaySettings, "run"),
+    (ControlSettings, "control"),
+]
+# The table of the outboxctl client's variables (clients.control.ControlConfig.resolve), a separate
+# namespace: OUTBOX_CONTROL_ADDR, _TLS_CERT and _TLS_KEY also name server settings there.
+CLIENT_SECTION = "Client (`outboxctl`)"
+# How each documented outboxctl variable shows in ControlConfig.resolve(env=...): proof it is read.
+CLIENT_VARIABLES: dict[str, tuple[dict[str, str], Callable[[ControlConfig], bool]]] = {
+    "OUTBOX_CONTROL_ADDR": ({"OUTBOX_CONTROL_ADDR": "relay:1"}, lambda c: c.addr == "relay:1"),
+    "OUTBOX_CONTROL_TOKEN": ({"OUTBOX_CONTROL_TOKEN": "t0ken"}, lambda c: c.token is not None),
+    "OUTBOX_CONTROL_TOKEN_FILE": (
+        {"OUTBOX_CONTROL_TOKEN_FILE": "{token_file}"},
+        lambda c: c.token is not None,
+    ),
+    "OUTBOX_CONTROL_TLS": ({"OUTBOX_CONTROL_TLS": "true"}, lambda c: c.tls),
+    "OUTBOX_CONTROL_TLS_CA": (
+        {"OUTBOX_CONTROL_TLS_CA": "ca.pem"},
+        lambda c: c.tls and c.tls_ca == Path("ca.pem"),
+    ),
+    "OUTBOX_CONTROL_TLS_CERT": (
+        {"OUTBOX_CONTROL_TLS_CERT": "c.pem", "OUTBOX_CONTROL_TLS_KEY": "k.pem"},
+        lambda c: c.tls and c.tls_cert == Path("c.pem"),
+    ),
+    "OUTBOX_CONTROL_TLS_KEY": (
+        {"OUTBOX_CONTROL_TLS_CERT": "c.pem", "OUTBOX_CONTROL_TLS_KEY": "k.pem"},
+        lambda c: c.tls and c.tls_key == Path("k.pem"),
+    ),
+    "OUTBOX_CONTROL_TLS_SERVER_NAME": (
+        {"OUTBOX_CONTROL_TLS_SERVER_NAME": "relay.example"},
+        lambda c: c.tls_server_name == "relay.example",
+    ),
+    "OUTBOX_CONTROL_TIMEOUT": ({"OUTBOX_CONTROL_TIMEOUT": "2.5"}, lambda c: c.timeout == 2.5),
+    "OUTBOX_CONTROL_OPERATOR": ({"OUTBOX_CONTROL_OPERATOR": "alice"}, lambda c: c.operator == "alice"),
+}
 _ROW = re.compile(r"^\|\s*`(OUTBOX_[A-Z0-9_]+)`\s*\|\s*([^|]*?)\s*\|", re.MULTILINE)
+_HEADING = re.compile(r"^#{2,3} (.+)$", re.MULTILINE)
 
 
-def env_name(name: str, field: FieldInfo) -> str:
-    return field.alias or f"OUTBOX_{name.upper()}"
+def env_name(settings_class: type[BaseSettings], name: str, field: FieldInfo) -> str:
+    """`OUTBOX_<NAME>` for the relay, `OUTBOX_CONTROL_<NAME>` for the control plane, unless aliased."""
+    return field.alias or f"{settings_class.model_config.get('env_prefix', '')}{name.upper()}"
+
+
+def known_variables() -> set[str]:
+    return {
+        env_name(settings_class, name, field)
+        for settings_class, _ in SETTINGS_CLASSES
+        for name, field in settings_class.model_fields.items()
+    }
+
+
+def sections() -> dict[str, str]:
+    """Heading (## or ###) -> the text up to the next such heading, of docs/configuration.md."""
+    text = DOCS.read_text(encoding="utf-8")
+    headings = list(_HEADING.finditer(text))
+    return {
+        heading[1].strip(): text[heading.end() : following.start() if following else len(text)]
+        for heading, following in zip(headings, [*headings[1:], None], strict=True)
+    }
+
+
+def table_rows(client: bool) -> list[tuple[str, str]]:
+    """(variable, default cell) of every table row: of the outboxctl client's table, or of all others."""
+    return [
+        row
+        for heading, body in sections().items()
+        if (heading == CLIENT_SECTION) == client
+        for row in _ROW.findall(body)
+    ]
 
 
 def documented_defaults() -> dict[str, str]:
-    """Variable -> the default cell of its row in a table of docs/configuration.md."""
-    return {match[1]: match[2] for match in _ROW.finditer(DOCS.read_text(encoding="utf-8"))}
+    """Variable -> the default cell of its row in a server-side table of docs/configuration.md."""
+    return dict(table_rows(client=False))
+
+
+def default_for(cell: str, command: str) -> str:
+    """The default a cell gives for `command`. A variable read by two commands with two defaults has
+    a cell like "`127.0.0.1:50051` for `control`; unset for `run`"; a plain cell applies to all."""
+    defaults = {}
+    for part in cell.split(";"):
+        value, _, commands = part.strip().partition(" for ")
+        defaults[commands.strip("` ")] = value.strip()
+    return defaults.get(command, defaults.get("", ""))
 
 
 def documented_default(value: object) -> str:
@@ -66,40 +147,66 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Monkey
 # --- docs/configuration.md -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings_class", [DatabaseSettings, RelaySettings])
-def test_every_setting_has_a_row_in_the_configuration_docs(settings_class: type[DatabaseSettings]) -> None:
+@pytest.mark.parametrize("settings_class", [cls for cls, _ in SETTINGS_CLASSES])
+def test_every_setting_has_a_row_in_the_configuration_docs(settings_class: type[BaseSettings]) -> None:
     documented = documented_defaults()
     missing = [
-        env_name(name, field)
+        env_name(settings_class, name, field)
         for name, field in settings_class.model_fields.items()
-        if env_name(name, field) not in documented
+        if env_name(settings_class, name, field) not in documented
     ]
     assert not missing, f"docs/configuration.md has no table row for {missing}"
 
 
-def test_documented_defaults_are_the_real_ones() -> None:
+@pytest.mark.parametrize(("settings_class", "command"), SETTINGS_CLASSES)
+def test_documented_defaults_are_the_real_ones(settings_class: type[BaseSettings], command: str) -> None:
     documented = documented_defaults()
     wrong = {}
-    for name, field in RelaySettings.model_fields.items():
+    for name, field in settings_class.model_fields.items():
         if field.default is PydanticUndefined:  # computed (default_factory): described in words
             continue
-        variable = env_name(name, field)
+        variable = env_name(settings_class, name, field)
+        shown = default_for(documented.get(variable, ""), command)
         expected = documented_default(field.default)
-        if documented.get(variable) != expected:
-            wrong[variable] = (documented.get(variable), expected)
-    assert not wrong, f"documented vs real defaults: {wrong}"
+        if shown != expected:
+            wrong[variable] = (shown, expected)
+    assert not wrong, f"documented vs real defaults for `{command}`: {wrong}"
+
+
+def test_control_addr_is_one_variable_for_run_and_control() -> None:
+    assert env_name(RelaySettings, "control_addr", RelaySettings.model_fields["control_addr"]) == (
+        env_name(ControlSettings, "addr", ControlSettings.model_fields["addr"])
+    )
 
 
 def test_the_docs_name_no_variable_that_does_not_exist() -> None:
-    known = {env_name(name, field) for name, field in RelaySettings.model_fields.items()}
     named = set(re.findall(r"\bOUTBOX_[A-Z0-9_]*[A-Z0-9]\b", DOCS.read_text(encoding="utf-8")))
-    assert named - known - NON_FIELD_VARIABLES == set()
+    assert named - known_variables() - NON_FIELD_VARIABLES - set(CLIENT_VARIABLES) == set()
 
 
-def test_every_variable_has_exactly_one_row() -> None:
-    rows = _ROW.findall(DOCS.read_text(encoding="utf-8"))
-    variables = [variable for variable, _ in rows]
-    assert len(variables) == len(set(variables))
+@pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
+def test_every_variable_has_exactly_one_row(client: bool) -> None:
+    variables = [variable for variable, _ in table_rows(client)]
+    assert variables, "no table rows found: did a heading change?"
+    assert len(variables) == len(set(variables)), sorted(v for v in variables if variables.count(v) > 1)
+
+
+def test_the_client_table_lists_the_variables_outboxctl_reads() -> None:
+    rows = dict(table_rows(client=True))
+    assert set(rows) == set(CLIENT_VARIABLES)
+    assert rows["OUTBOX_CONTROL_ADDR"] == documented_default(DEFAULT_ADDR)
+    assert rows["OUTBOX_CONTROL_TIMEOUT"] == documented_default(DEFAULT_TIMEOUT)
+    assert rows["OUTBOX_CONTROL_TLS"] == documented_default(False)
+
+
+@pytest.mark.parametrize("variable", sorted(CLIENT_VARIABLES))
+def test_each_client_variable_is_read(variable: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n", encoding="utf-8")
+    env, check = CLIENT_VARIABLES[variable]
+    env = {name: value.format(token_file=token_file) for name, value in env.items()}
+    assert not check(ControlConfig.resolve(env={}))
+    assert check(ControlConfig.resolve(env=env))
 
 
 # --- parsing -----------------------------------------------------------------------------------------
