@@ -14,9 +14,24 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 _SECRET_WORDS = ("password", "token", "secret")
 
 
+def _is_secret(key: object) -> bool:
+    return any(word in str(key).lower() for word in _SECRET_WORDS)
+
+
+def _clean(value: Any) -> Any:
+    """An extra field's value with URL passwords redacted (also inside lists and dicts)."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {str(k): "***" if _is_secret(k) else _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean(v) for v in value]
+    return redact(value if isinstance(value, str) else str(value))
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {
-        key: "***" if any(word in key.lower() for word in _SECRET_WORDS) else value
+        key: "***" if _is_secret(key) else _clean(value)
         for key, value in record.__dict__.items()
         if key not in _STANDARD
     }
