@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from relay import migrate as migrations
 from relay.config import DatabaseSettings, RelaySettings
@@ -71,7 +72,23 @@ def migrate(
     typer.echo(f"schema {settings.schema_name!r} at revision {reached}")
 
 
-@app.command()
+def settings_help(kind: type[DatabaseSettings]) -> str:
+    """Every variable a command reads, with its default, for --help (docs/configuration.md has more)."""
+    lines = ["Environment (docs/configuration.md explains each):\n\n"]
+    for name, field in kind.model_fields.items():
+        env = field.alias or f"OUTBOX_{name.upper()}"
+        if field.default_factory is not None:
+            default = "computed"
+        elif hasattr(field.default, "get_secret_value"):
+            default = redact(field.default.get_secret_value())
+        else:
+            default = "unset" if field.default is None else str(getattr(field.default, "value", field.default))
+        description = f"  {field.description}" if field.description else ""
+        lines.append(escape(f"{env} (default: {default or 'empty'}){description}") + "\n\n")
+    return "".join(lines)
+
+
+@app.command(epilog=settings_help(RelaySettings))
 def run(
     migrate_first: Annotated[
         bool, typer.Option("--migrate", help="Upgrade the schema before starting.")
