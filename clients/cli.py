@@ -1,6 +1,6 @@
 """`outboxctl`: operate an Outbox Relay cluster through its gRPC control plane.
 
-Connection settings come from the global options or from the environment: OUTBOX_CONTROL_ADDR, OUTBOX_CONTROL_TOKEN (or OUTBOX_CONTROL_TOKEN_FILE), OUTBOX_CONTROL_TLS_CA, OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY, OUTBOX_CONTROL_TLS_SERVER_NAME, OUTBOX_CONTROL_TIMEOUT.
+Connection settings come from the global options or from the environment: OUTBOX_CONTROL_ADDR, OUTBOX_CONTROL_TOKEN (or OUTBOX_CONTROL_TOKEN_FILE), OUTBOX_CONTROL_TLS_CA, OUTBOX_CONTROL_CLIENT_CERT and OUTBOX_CONTROL_CLIENT_KEY, OUTBOX_CONTROL_TLS_SERVER_NAME, OUTBOX_CONTROL_TIMEOUT.
 
 Exit codes: 0 ok, 1 other error, 2 bad argument, 3 cannot connect or deadline exceeded, 4 unauthenticated, 5 permission denied, 6 not found, 7 failed precondition.
 """
@@ -120,10 +120,10 @@ def _global_options(
         Path | None, typer.Option("--tls-ca", help="PEM CA of the server certificate; enables TLS (env OUTBOX_CONTROL_TLS_CA).")
     ] = None,
     tls_cert: Annotated[
-        Path | None, typer.Option("--tls-cert", help="PEM client certificate for mTLS (env OUTBOX_CONTROL_TLS_CERT).")
+        Path | None, typer.Option("--tls-cert", help="PEM client certificate for mTLS (env OUTBOX_CONTROL_CLIENT_CERT).")
     ] = None,
     tls_key: Annotated[
-        Path | None, typer.Option("--tls-key", help="PEM key of --tls-cert (env OUTBOX_CONTROL_TLS_KEY).")
+        Path | None, typer.Option("--tls-key", help="PEM key of --tls-cert (env OUTBOX_CONTROL_CLIENT_KEY).")
     ] = None,
     tls_server_name: Annotated[
         str | None,

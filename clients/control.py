@@ -11,15 +11,15 @@ Both clients return plain frozen dataclasses (aware ``datetime``, ``timedelta``,
 protobuf messages, and raise one exception hierarchy, ``ControlError``, whose text is the server's
 message. The bearer token is kept out of every ``str()``/``repr()`` of clients and errors.
 
-Configuration: each argument of the constructors falls back to an environment variable (note that
-OUTBOX_CONTROL_TLS_CERT/_KEY mean the *client* certificate here, and the server certificate to
-`outbox-relay control`: do not run the client with the server's environment):
+Configuration: each argument of the constructors falls back to an environment variable. The client
+certificate has its own names, OUTBOX_CONTROL_CLIENT_CERT/_KEY: the server's OUTBOX_CONTROL_TLS_CERT/_KEY
+are not read, so the client can run in the server's environment (but OUTBOX_CONTROL_ADDR is shared):
 
     OUTBOX_CONTROL_ADDR             host:port of the control plane (default 127.0.0.1:50051)
     OUTBOX_CONTROL_TOKEN            bearer token (read or admin), or
     OUTBOX_CONTROL_TOKEN_FILE       a file holding it
     OUTBOX_CONTROL_TLS_CA           PEM CA bundle that signed the server's certificate: enables TLS
-    OUTBOX_CONTROL_TLS_CERT/_KEY    PEM client certificate and key, for mTLS (enables TLS)
+    OUTBOX_CONTROL_CLIENT_CERT/_KEY PEM client certificate and key, for mTLS (enables TLS)
     OUTBOX_CONTROL_TLS_SERVER_NAME  expected name in the server certificate, if not the address host
     OUTBOX_CONTROL_TLS              "true": TLS verified against the system CAs (no CA file needed)
     OUTBOX_CONTROL_TIMEOUT          per-call deadline in seconds (default 10)
@@ -394,9 +394,11 @@ class ControlConfig:
         if not address:
             raise InvalidArgument("addr: is empty")
         secret = _load_token(token, token_file, env)
-        ca, cert, key = (_path(pick(v, n)) for v, n in ((tls_ca, "TLS_CA"), (tls_cert, "TLS_CERT"), (tls_key, "TLS_KEY")))
+        ca, cert, key = (
+            _path(pick(v, n)) for v, n in ((tls_ca, "TLS_CA"), (tls_cert, "CLIENT_CERT"), (tls_key, "CLIENT_KEY"))
+        )
         if (cert is None) != (key is None):
-            raise InvalidArgument("tls: a client certificate (TLS_CERT) and its key (TLS_KEY) go together")
+            raise InvalidArgument("tls: a client certificate (CLIENT_CERT) and its key (CLIENT_KEY) go together")
         use_tls = tls if tls is not None else _flag(env.get(_ENV + "TLS")) or any((ca, cert, key))
         if not use_tls and (ca or cert):
             raise InvalidArgument("tls: TLS files are given but TLS is disabled")

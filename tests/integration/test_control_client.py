@@ -63,7 +63,7 @@ async def start_server(database_url: str, schema: str, **overrides: Any) -> Cont
 @pytest.fixture(autouse=True)
 def _no_client_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own OUTBOX_CONTROL_* settings must not leak into the clients under test."""
-    for name in ("ADDR", "TOKEN", "TOKEN_FILE", "TLS", "TLS_CA", "TLS_CERT", "TLS_KEY", "TLS_SERVER_NAME",
+    for name in ("ADDR", "TOKEN", "TOKEN_FILE", "TLS", "TLS_CA", "CLIENT_CERT", "CLIENT_KEY", "TLS_SERVER_NAME",
                  "TIMEOUT", "OPERATOR"):
         monkeypatch.delenv(f"OUTBOX_CONTROL_{name}", raising=False)
 
@@ -745,8 +745,8 @@ async def test_mtls(database_url: str, schema: str, pki: Pki, monkeypatch: pytes
     addr = f"127.0.0.1:{server.port}"
     try:
         monkeypatch.setenv("OUTBOX_CONTROL_TLS_CA", str(pki.ca))
-        monkeypatch.setenv("OUTBOX_CONTROL_TLS_CERT", str(pki.client_cert))
-        monkeypatch.setenv("OUTBOX_CONTROL_TLS_KEY", str(pki.client_key))
+        monkeypatch.setenv("OUTBOX_CONTROL_CLIENT_CERT", str(pki.client_cert))
+        monkeypatch.setenv("OUTBOX_CONTROL_CLIENT_KEY", str(pki.client_key))
 
         def blocking() -> None:
             with ControlClient(addr, token=READ_TOKEN) as client:
@@ -754,8 +754,11 @@ async def test_mtls(database_url: str, schema: str, pki: Pki, monkeypatch: pytes
                 assert client.status().schema_version
 
         await asyncio.to_thread(blocking)
-        monkeypatch.delenv("OUTBOX_CONTROL_TLS_CERT")
-        monkeypatch.delenv("OUTBOX_CONTROL_TLS_KEY")
+        monkeypatch.delenv("OUTBOX_CONTROL_CLIENT_CERT")
+        monkeypatch.delenv("OUTBOX_CONTROL_CLIENT_KEY")
+        # The server's own certificate variables are not the client's: they present no certificate.
+        monkeypatch.setenv("OUTBOX_CONTROL_TLS_CERT", str(pki.client_cert))
+        monkeypatch.setenv("OUTBOX_CONTROL_TLS_KEY", str(pki.client_key))
         async with AsyncControlClient(addr, token=READ_TOKEN, timeout=2) as without_cert:
             with pytest.raises(Unavailable):
                 await without_cert.status()

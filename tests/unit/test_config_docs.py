@@ -35,7 +35,7 @@ SETTINGS_CLASSES: list[tuple[type[BaseSettings], str]] = [
     (ControlSettings, "control"),
 ]
 # The table of the outboxctl client's variables (clients.control.ControlConfig.resolve), a separate
-# namespace: OUTBOX_CONTROL_ADDR, _TLS_CERT and _TLS_KEY also name server settings there.
+# namespace: OUTBOX_CONTROL_ADDR also names a server setting there.
 CLIENT_SECTION = "Client (`outboxctl`)"
 # How each documented outboxctl variable shows in ControlConfig.resolve(env=...): proof it is read.
 CLIENT_VARIABLES: dict[str, tuple[dict[str, str], Callable[[ControlConfig], bool]]] = {
@@ -50,12 +50,12 @@ CLIENT_VARIABLES: dict[str, tuple[dict[str, str], Callable[[ControlConfig], bool
         {"OUTBOX_CONTROL_TLS_CA": "ca.pem"},
         lambda c: c.tls and c.tls_ca == Path("ca.pem"),
     ),
-    "OUTBOX_CONTROL_TLS_CERT": (
-        {"OUTBOX_CONTROL_TLS_CERT": "c.pem", "OUTBOX_CONTROL_TLS_KEY": "k.pem"},
+    "OUTBOX_CONTROL_CLIENT_CERT": (
+        {"OUTBOX_CONTROL_CLIENT_CERT": "c.pem", "OUTBOX_CONTROL_CLIENT_KEY": "k.pem"},
         lambda c: c.tls and c.tls_cert == Path("c.pem"),
     ),
-    "OUTBOX_CONTROL_TLS_KEY": (
-        {"OUTBOX_CONTROL_TLS_CERT": "c.pem", "OUTBOX_CONTROL_TLS_KEY": "k.pem"},
+    "OUTBOX_CONTROL_CLIENT_KEY": (
+        {"OUTBOX_CONTROL_CLIENT_CERT": "c.pem", "OUTBOX_CONTROL_CLIENT_KEY": "k.pem"},
         lambda c: c.tls and c.tls_key == Path("k.pem"),
     ),
     "OUTBOX_CONTROL_TLS_SERVER_NAME": (
@@ -207,6 +207,12 @@ def test_each_client_variable_is_read(variable: str, tmp_path: Path) -> None:
     env = {name: value.format(token_file=token_file) for name, value in env.items()}
     assert not check(ControlConfig.resolve(env={}))
     assert check(ControlConfig.resolve(env=env))
+
+
+def test_the_client_ignores_the_server_certificate_variables() -> None:
+    server_env = {"OUTBOX_CONTROL_TLS_CERT": "server.pem", "OUTBOX_CONTROL_TLS_KEY": "server.key"}
+    config = ControlConfig.resolve(env=server_env)
+    assert (config.tls, config.tls_cert, config.tls_key) == (False, None, None)
 
 
 # --- parsing -----------------------------------------------------------------------------------------
