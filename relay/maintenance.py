@@ -64,4 +64,6 @@ class Maintenance:
                 await self.run_once()
             except TRANSIENT_DB_ERRORS as exc:
                 log.warning("maintenance round failed: %s", type(exc).__name__)
+            except Exception:
+                log.exception("maintenance round failed")
             await asyncio.sleep(self._interval)

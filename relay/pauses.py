@@ -64,5 +64,8 @@ class PauseState:
             try:
                 await self.refresh()
             except TRANSIENT_DB_ERRORS as exc:
-                log.warning("could not read pauses: %s", exc)
+                log.warning("could not read pauses: %s", type(exc).__name__)
+            except Exception:
+                # Keep obeying the last known pauses rather than stopping the relay over a bug.
+                log.exception("could not read pauses")
             await asyncio.sleep(self._interval)

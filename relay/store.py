@@ -29,6 +29,8 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
+    # Seen on a pool connection caught mid-operation by a server restart.
+    asyncpg.InternalClientError,
 )
 
 

@@ -394,9 +394,9 @@ async def test_a_relay_exports_every_metric_the_dashboard_and_alerts_use(
     try:
         await wait_until(everything_reported, 60, what="every metric family")
     except AssertionError:
-        missing = EXPECTED_FAMILIES - families(samples)
+        absent = EXPECTED_FAMILIES - families(samples)
         outbox = [s for s in samples if s.name.startswith("outbox_") and "_bucket" not in s.name]
-        raise AssertionError(f"missing {sorted(missing)} in {outbox}\n{relay.log()[-3000:]}") from None
+        raise AssertionError(f"missing {sorted(absent)} in {outbox}\n{relay.log()[-3000:]}") from None
 
     used = used_families()
     missing = {name: sorted(files) for name, files in used.items() if name not in families(samples)}

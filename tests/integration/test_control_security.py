@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.server import ControlServer, ControlSettings, InsecureConfigurationError, is_loopback
+from relay.migrate import head_revision
 from tests.conftest import settings_for
 
 ADMIN_TOKEN = "admin-secret-3f9a1c0e5b7d"
@@ -265,7 +266,7 @@ async def test_tls(database_url: str, schema: str, pki: Pki) -> None:
                          tls_cert=pki.server_cert, tls_key=pki.server_key)
     try:
         async with _secure_channel(server.port, pki) as channel:
-            assert (await _status(channel)).schema_version == "0001"
+            assert (await _status(channel)).schema_version == head_revision()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as plain:
             await expect_code(_status(plain), grpc.StatusCode.UNAVAILABLE)
     finally:
@@ -277,7 +278,7 @@ async def test_mtls_requires_a_client_certificate_from_the_ca(database_url: str,
                          tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
     try:
         async with _secure_channel(server.port, pki, pki.client_cert, pki.client_key) as channel:
-            assert (await _status(channel)).schema_version == "0001"
+            assert (await _status(channel)).schema_version == head_revision()
         async with _secure_channel(server.port, pki) as without_cert:
             await expect_code(_status(without_cert), grpc.StatusCode.UNAVAILABLE)
         async with _secure_channel(server.port, pki, pki.stranger_cert, pki.stranger_key) as stranger:

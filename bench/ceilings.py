@@ -1,0 +1,213 @@
+"""Raw ceilings: the same work as the relay without the relay, with the same payloads.
+
+(a) Postgres drain: DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) RETURNING
+    in a loop over asyncpg; (b) raw produce: aiokafka send() then gather, in chunks; (c) raw Redis:
+    pipelined XADD; (d) writer ceiling: concurrent single-row committing transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from bench import workload
+from bench.stack import Servers, create_topic, delete_topic, fresh_schema, redis_delete
+from clients.writer import aenqueue
+
+
+def producer_options(bootstrap: str) -> dict[str, object]:
+    """The relay's own producer settings at their defaults (relay/sinks/kafka.py)."""
+    return {
+        "bootstrap_servers": bootstrap,
+        "acks": "all",
+        "linger_ms": 5,
+        "max_batch_size": 1_048_576,
+        "max_request_size": 1_048_576,
+        "enable_idempotence": False,
+    }
+
+
+async def pg_drain(servers: Servers, size: int, rows: int, batch: int = 500, loops: int = 4) -> float:
+    """Rows/s that `loops` concurrent DELETE ... SKIP LOCKED ... RETURNING loops take out of a
+    backlog of `rows` (the rows come back to Python, as they do for the relay)."""
+    async with fresh_schema(servers.db) as schema:
+        pool = await asyncpg.create_pool(servers.db, min_size=loops, max_size=loops)
+        try:
+            async with pool.acquire() as conn:
+                await workload.bulk_insert(conn, schema, "bench.raw", rows, size)
+                await conn.execute(f'/* bench */ VACUUM ANALYZE "{schema}".outbox')
+            statement = (
+                f'/* bench */ DELETE FROM "{schema}".outbox WHERE id IN ('
+                f'SELECT id FROM "{schema}".outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) '
+                "RETURNING id, message_id, topic, key, payload, headers::text, created_at, attempts"
+            )
+            taken = 0
+
+            async def loop() -> None:
+                nonlocal taken
+                while True:
+                    records = await pool.fetch(statement, batch)
+                    if not records:
+                        return
+                    taken += len(records)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(loop() for _ in range(loops)))
+            elapsed = time.perf_counter() - started
+        finally:
+            await pool.close()
+    return taken / elapsed
+
+
+async def kafka_produce(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Messages/s aiokafka gets acknowledged: send() `chunk` messages, gather their futures, repeat.
+    Same payloads, keys and headers as the relay's, to a fresh 8-partition topic."""
+    topic = await create_topic(servers.kafka, "bench.raw")
+    messages = [
+        (workload.key(n).encode(), workload.payload(n, size), workload.kafka_headers()) for n in range(count)
+    ]
+    producer = AIOKafkaProducer(**producer_options(servers.kafka))
+    await producer.start()
+    try:
+        await producer.partitions_for(topic)
+        started = time.perf_counter()
+        for first in range(0, count, chunk):
+            futures = [
+                await producer.send(topic, value=value, key=key, headers=headers)
+                for key, value, headers in messages[first : first + chunk]
+            ]
+            await asyncio.gather(*futures)
+        elapsed = time.perf_counter() - started
+    finally:
+        await producer.stop()
+        await delete_topic(servers.kafka, topic)
+    return count / elapsed
+
+
+async def redis_xadd(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Entries/s of pipelined XADD (redis.asyncio, no transaction) with the relay's stream fields."""
+    stream = f"bench.raw.{time.monotonic_ns()}"
+    entries = [workload.redis_fields(n, size) for n in range(count)]
+    client = aioredis.from_url(servers.redis)
+    try:
+        await client.ping()
+        started = time.perf_counter()
+        for first in range(0, count, chunk):
+            pipe = client.pipeline(transaction=False)
+            for fields in entries[first : first + chunk]:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            await pipe.execute()
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.aclose()
+        await redis_delete(servers.redis, stream)
+    return count / elapsed
+
+
+async def writer_commits(servers: Servers, concurrency: int, seconds: float, size: int = 200) -> float:
+    """Commits/s of `concurrency` tasks each committing single-event transactions through the writer
+    API (clients.aenqueue on asyncpg) as fast as they can for `seconds`."""
+    async with fresh_schema(servers.db) as schema:
+        pool = await asyncpg.create_pool(servers.db, min_size=concurrency, max_size=concurrency)
+        try:
+            counter = itertools.count()
+            commits = 0
+            deadline = 0.0
+
+            async def writer() -> None:
+                nonlocal commits
+                while time.perf_counter() < deadline:
+                    n = next(counter)
+                    async with pool.acquire() as conn, conn.transaction():
+                        await aenqueue(
+                            conn,
+                            "bench.writer",
+                            workload.payload(n, size),
+                            key=workload.key(n),
+                            schema=schema,
+                        )
+                    commits += 1
+
+            started = time.perf_counter()
+            deadline = started + seconds
+            await asyncio.gather(*(writer() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+        finally:
+            await pool.close()
+    return commits / elapsed
+
+
+async def pipeline(
+    servers: Servers, sink: str, size: int, rows: int, batch: int = 500, loops: int = 16
+) -> float:
+    """Not a bar, an explanation: events/s of the least a relay must do on this machine, with none of
+    its guarantees. `loops` concurrent loops each DELETE ... RETURNING `batch` rows (SKIP LOCKED) and
+    publish them (aiokafka send + gather, or one XADD pipeline) before the next batch."""
+    async with fresh_schema(servers.db) as schema:
+        pool = await asyncpg.create_pool(servers.db, min_size=loops, max_size=loops)
+        topic = (
+            await create_topic(servers.kafka, "bench.pipe")
+            if sink == "kafka"
+            else f"bench.pipe.{time.monotonic_ns()}"
+        )
+        producer = AIOKafkaProducer(**producer_options(servers.kafka)) if sink == "kafka" else None
+        client = aioredis.from_url(servers.redis) if sink == "redis" else None
+        try:
+            if producer is not None:
+                await producer.start()
+                await producer.partitions_for(topic)
+            async with pool.acquire() as conn:
+                await workload.bulk_insert(conn, schema, topic, rows, size)
+            statement = (
+                f'/* bench */ DELETE FROM "{schema}".outbox WHERE id IN ('
+                f'SELECT id FROM "{schema}".outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) '
+                "RETURNING id, message_id, topic, key, payload, headers::text AS headers"
+            )
+
+            async def loop() -> None:
+                while records := await pool.fetch(statement, batch):
+                    if producer is not None:
+                        futures = [
+                            await producer.send(
+                                r["topic"],
+                                value=r["payload"],
+                                key=r["key"].encode(),
+                                headers=[
+                                    ("content-type", b"application/json"),
+                                    ("message-id", str(r["message_id"]).encode()),
+                                ],
+                            )
+                            for r in records
+                        ]
+                        await asyncio.gather(*futures)
+                    else:
+                        assert client is not None
+                        pipe = client.pipeline(transaction=False)
+                        for r in records:
+                            pipe.xadd(
+                                r["topic"],
+                                {
+                                    "message-id": str(r["message_id"]),
+                                    "payload": r["payload"],
+                                    "headers": r["headers"],
+                                    "key": r["key"],
+                                },
+                            )
+                        await pipe.execute()
+
+            started = time.perf_counter()
+            await asyncio.gather(*(loop() for _ in range(loops)))
+            elapsed = time.perf_counter() - started
+        finally:
+            await pool.close()
+            if producer is not None:
+                await producer.stop()
+                await delete_topic(servers.kafka, topic)
+            if client is not None:
+                await client.delete(topic)
+                await client.aclose()
+    return rows / elapsed

@@ -1,0 +1,67 @@
+"""The latency consumer, in its own process so the writers' event loop cannot delay it.
+
+Protocol over a multiprocessing pipe: the child sends "ready" once it is assigned to every partition
+of the (fresh, empty) topic; the parent later sends ("expect", count, timeout); the child answers with
+its samples [(arrival wall time, latency s, pickup s)] and the number of duplicates, then exits.
+pickup: from the payload's time to the record's CreateTime, which aiokafka stamps when the producer's
+send() appends it (ms resolution): the relay's share (wake-up, claim, hand-over to the producer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+def run(bootstrap: str, topic: str, pipe: Connection) -> None:
+    asyncio.run(_consume(bootstrap, topic, pipe))
+
+
+async def _consume(bootstrap: str, topic: str, pipe: Connection) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    # fetch_max_wait_ms=5: the Tansu broker holds every fetch for the whole fetch_max_wait_ms.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=5,
+    )
+    await consumer.start()
+    samples: list[tuple[float, float, float]] = []
+    seen: set[int] = set()
+    duplicates = 0
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        pipe.send("ready")
+        expected: int | None = None
+        deadline = float("inf")
+        while expected is None or (len(seen) < expected and time.monotonic() < deadline):
+            batch = await consumer.getmany(timeout_ms=20, max_records=5000)
+            arrived = time.time()
+            for records in batch.values():
+                for record in records:
+                    body: dict[str, Any] = json.loads(record.value or b"{}")
+                    n = int(body["n"])
+                    if n in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(n)
+                    made = float(body["t"])
+                    samples.append((arrived, arrived - made, record.timestamp / 1000 - made))
+            if expected is None and pipe.poll():
+                _, expected, timeout = pipe.recv()
+                deadline = time.monotonic() + timeout
+    finally:
+        await consumer.stop()
+    pipe.send((samples, duplicates))

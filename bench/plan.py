@@ -1,0 +1,77 @@
+"""What a run measures and how big: full (the published figures) or --quick (a smoke test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCENARIOS = ("ceilings", "drain", "latency", "keepup", "memory", "dbcost")
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int = 3
+    quick: bool = False
+    backlog: int = 100_000  # rows per backlog drain
+    raw_messages: int = 100_000  # messages per raw produce / XADD ceiling
+    latency_seconds: float = 30.0
+    latency_rates: tuple[int, ...] = (500, 2000)
+    keepup_seconds: float = 20.0
+    memory_backlog: int = 1_000_000
+    dbcost_rows: int = 20_000
+    dbcost_batches: tuple[int, ...] = (50, 200, 1000)
+    writer_seconds: float = 4.0
+    writer_concurrency: tuple[int, ...] = (4, 8, 16)
+    kafka_chunk: int = 2000  # raw produce: send() this many, then gather their futures
+    redis_chunk: int = 2000  # raw XADD: pipeline depth
+    pg_drain_batch: int = 500  # the relay's default OUTBOX_BATCH_SIZE
+    pg_drain_loops: int = 4
+
+    @classmethod
+    def full(cls, reps: int = 3) -> Plan:
+        return cls(reps=reps)
+
+    @classmethod
+    def smoke(cls, reps: int = 3) -> Plan:
+        return cls(
+            reps=reps,
+            quick=True,
+            backlog=10_000,
+            raw_messages=10_000,
+            latency_seconds=5.0,
+            keepup_seconds=5.0,
+            memory_backlog=100_000,
+            dbcost_rows=5_000,
+            writer_seconds=1.5,
+        )
+
+    @property
+    def floor_seconds(self) -> float:
+        """The raw produce-to-consume latency floor runs a third as long as the relay runs."""
+        return max(self.latency_seconds / 3, 3.0)
+
+
+def needed_ceilings(scenarios: tuple[str, ...]) -> set[str]:
+    """Raw ceilings a selection of scenarios compares against."""
+    needs = {
+        "ceilings": {"pg", "kafka", "redis", "pipeline", "writer"},
+        "drain": {"pg", "kafka", "redis", "pipeline"},
+        "keepup": {"writer"},
+        "memory": set(),
+        "dbcost": set(),
+        "latency": set(),
+    }
+    out: set[str] = set()
+    for name in scenarios:
+        out |= needs[name]
+    return out
+
+
+def parse_only(value: str | None) -> tuple[str, ...]:
+    """`--only drain,latency` -> ("drain", "latency"); None -> every scenario."""
+    if not value:
+        return SCENARIOS
+    names = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return names
