@@ -2,7 +2,7 @@
 
 Protocol over a multiprocessing pipe: the child sends "ready" once it is assigned to every partition
 of the (fresh, empty) topic; the parent later sends ("expect", count, timeout); the child answers with
-its samples [(arrival wall time, latency s, pickup s)] and the number of duplicates, then exits.
+its samples [(n, arrival wall time, latency s, pickup s)] and the number of duplicates, then exits.
 pickup: from the payload's time to the record's CreateTime, which aiokafka stamps when the producer's
 send() appends it (ms resolution): the relay's share (wake-up, claim, hand-over to the producer)."""
 
@@ -30,7 +30,7 @@ async def _consume(bootstrap: str, topic: str, pipe: Connection) -> None:
         fetch_max_wait_ms=5,
     )
     await consumer.start()
-    samples: list[tuple[float, float, float]] = []
+    samples: list[tuple[int, float, float, float]] = []
     seen: set[int] = set()
     duplicates = 0
     try:
@@ -58,7 +58,7 @@ async def _consume(bootstrap: str, topic: str, pipe: Connection) -> None:
                         continue
                     seen.add(n)
                     made = float(body["t"])
-                    samples.append((arrived, arrived - made, record.timestamp / 1000 - made))
+                    samples.append((n, arrived, arrived - made, record.timestamp / 1000 - made))
             if expected is None and pipe.poll():
                 _, expected, timeout = pipe.recv()
                 deadline = time.monotonic() + timeout

@@ -15,6 +15,7 @@ class Plan:
     raw_messages: int = 100_000  # messages per raw produce / XADD ceiling
     latency_seconds: float = 30.0
     latency_rates: tuple[int, ...] = (500, 2000)
+    latency_warmup: float = 2.0  # seconds written at the rate before measuring
     keepup_seconds: float = 20.0
     memory_backlog: int = 1_000_000
     dbcost_rows: int = 20_000

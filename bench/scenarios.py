@@ -311,7 +311,9 @@ class LatencyConsumer:
         if not await asyncio.to_thread(self._pipe.poll, timeout) or self._pipe.recv() != "ready":
             raise BenchError("latency consumer did not start")
 
-    async def collect(self, expected: int, timeout: float) -> tuple[list[tuple[float, float, float]], int]:
+    async def collect(
+        self, expected: int, timeout: float
+    ) -> tuple[list[tuple[int, float, float, float]], int]:
         self._pipe.send(("expect", expected, timeout))
         if not await asyncio.to_thread(self._pipe.poll, timeout + 30):
             raise BenchError("latency consumer did not answer")
@@ -348,6 +350,7 @@ async def paced(rate: int, seconds: float, tasks: int, send: Callable[[int], Awa
 async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | None) -> LatencyRun:
     """listen True/False: relay with LISTEN/NOTIFY or polling only; None: the raw produce floor."""
     seconds = plan.latency_seconds if listen is not None else plan.floor_seconds
+    warm = int(rate * plan.latency_warmup)
     topic = await create_topic(servers.kafka, "bench.latency")
     reader = LatencyConsumer(servers.kafka, topic)
     try:
@@ -369,7 +372,7 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                         )
                     )
 
-                committed = await paced(rate, seconds, 1, produce)
+                committed = await paced(rate, seconds + plan.latency_warmup, 1, produce)
                 await asyncio.gather(*pending_acks)
             finally:
                 await producer.stop()
@@ -391,7 +394,7 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                                     schema=schema,
                                 )
 
-                        committed = await paced(rate, seconds, 16, write)
+                        committed = await paced(rate, seconds + plan.latency_warmup, 16, write)
                         await wait_drained(conn, schema, timeout=120, relays=fleet, every=0.1)
                 finally:
                     await pool.close()
@@ -400,15 +403,18 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
     finally:
         reader.kill()
         await delete_topic(servers.kafka, topic)
+    # The first `warmup` seconds of events are not measured: connections, prepared statements and topic
+    # metadata are set up then, and this scenario is about steady load.
+    measured = [(arrived, latency, pickup) for n, arrived, latency, pickup in samples if n >= warm]
     return LatencyRun(
-        latency_summary([latency for _, latency, _ in samples]),
+        latency_summary([latency for _, latency, _ in measured]),
         int(rate * seconds),
-        committed,
-        len(samples),
+        committed - warm,
+        len(measured),
         duplicates,
-        [(arrived, latency) for arrived, latency, _ in samples],
-        latency_summary([pickup for _, _, pickup in samples]),
-        latency_summary([latency - pickup for _, latency, pickup in samples]),
+        [(arrived, latency) for arrived, latency, _ in measured],
+        latency_summary([pickup for _, _, pickup in measured]),
+        latency_summary([latency - pickup for _, latency, pickup in measured]),
     )
 
 
@@ -734,7 +740,9 @@ async def dbcost_once(servers: Servers, plan: Plan, batch: int) -> dict[str, flo
                 await wait_drained(conn, schema, timeout=300, relays=fleet, every=0.05)
                 records = await conn.fetch(
                     "/* bench */ SELECT query, calls FROM pg_stat_statements"
-                    " WHERE query LIKE '%' || $1 || '%' AND query NOT LIKE '%benchprobe%'",
+                    " WHERE (query LIKE '%' || $1 || '%' AND query NOT LIKE '%benchprobe%')"
+                    # asyncpg's pool runs this reset on every release; only the relay uses a pool here.
+                    " OR query LIKE '%pg_advisory_unlock_all()%'",
                     schema,
                 )
         finally:
@@ -747,8 +755,10 @@ async def dbcost_once(servers: Servers, plan: Plan, batch: int) -> dict[str, flo
         for r in records
         if r["query"].lstrip().startswith("DELETE") and "ANY ($1" in r["query"]
     )
+    resets = sum(int(r["calls"]) for r in records if "pg_advisory_unlock_all()" in r["query"])
     return {
         "statements_per_event": total / rows,
+        "pool_resets_per_event": resets / rows,
         "claims_per_event": claims / rows,
         "settles_per_event": settles / rows,
         "rows_per_claim": ratio(rows, claims),
@@ -784,6 +794,7 @@ async def run_dbcost(servers: Servers, plan: Plan, results: Results) -> None:
         for key, unit in (
             ("statements_per_event", "statements/event"),
             ("claims_per_event", "claims/event"),
+            ("pool_resets_per_event", "resets/event"),
             ("rows_per_claim", "rows/claim"),
         ):
             values = [r[key] for r in runs]
@@ -812,5 +823,6 @@ async def run_dbcost(servers: Servers, plan: Plan, results: Results) -> None:
         f"pg_stat_statements reset, then {plan.dbcost_rows:,} rows committed by one statement and drained by"
         " one relay process with OUTBOX_BATCH_SIZE set; the calls of every statement naming the bench schema"
         " (claims, settles, lease renewals, heartbeats, pause polls, idle polls...) are summed, excluding the"
-        " bench's own statements. rows_per_claim averages over every claim, empty idle polls included.",
+        " bench's own statements, plus the session reset (`SELECT pg_advisory_unlock_all(); CLOSE ALL;"
+        " UNLISTEN *; RESET ALL`) asyncpg's pool sends each time a connection goes back to the pool. rows_per_claim averages over every claim, empty idle polls included.",
     )

@@ -82,7 +82,9 @@ def settings_help(kind: type[DatabaseSettings]) -> str:
         elif hasattr(field.default, "get_secret_value"):
             default = redact(field.default.get_secret_value())
         else:
-            default = "unset" if field.default is None else str(getattr(field.default, "value", field.default))
+            default = (
+                "unset" if field.default is None else str(getattr(field.default, "value", field.default))
+            )
         description = f"  {field.description}" if field.description else ""
         lines.append(escape(f"{env} (default: {default or 'empty'}){description}") + "\n\n")
     return "".join(lines)

@@ -92,6 +92,9 @@ class RelaySettings(DatabaseSettings):
     run_migrations: bool = Field(False, description="Migrate to head at start (`run --migrate`).")
     pool_size: int = Field(24, ge=2, description="Most database connections this instance opens.")
     statement_cache_size: int = Field(100, ge=0, description="0 behind PgBouncer transaction pooling < 1.21.")
+    startup_timeout: float = Field(
+        300.0, ge=0, description="Seconds to wait for the database at start before giving up (0: forever)."
+    )
     shutdown_grace: float = Field(20.0, gt=0, description="Seconds in-flight batches get on SIGTERM.")
 
     kafka_acks: Literal["all", "0", "1", "-1"] = Field("all", description="Producer acks; keep all.")

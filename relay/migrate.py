@@ -45,6 +45,21 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> set[str]:
+    script = ScriptDirectory(str(resources.files("relay") / "migrations"))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def schema_state(revision: str | None) -> str:
+    """'current', 'behind' (an older revision we know, or none), or 'ahead' (a revision this
+    version does not know: a newer release migrated it, as during a rolling upgrade)."""
+    if revision == head_revision():
+        return "current"
+    if revision is None or revision in known_revisions():
+        return "behind"
+    return "ahead"
+
+
 def current_revision(connection: Connection, schema: str) -> str | None:
     context = MigrationContext.configure(connection, opts={"version_table_schema": schema})
     return context.get_current_revision()

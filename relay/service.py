@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from relay.config import RelaySettings, SinkKind
 from relay.coordinator import Coordinator
 from relay.leases import LEADER
 from relay.maintenance import Maintenance
-from relay.migrate import head_revision
+from relay.migrate import head_revision, schema_state
 from relay.notifications import InsertListener
 from relay.ops_http import OpsServer
 from relay.pauses import PauseState
@@ -27,7 +28,7 @@ from relay.sinks.base import Sink
 from relay.sinks.kafka import KafkaSink
 from relay.sinks.redis import RedisSink
 from relay.sinks.router import Router, parse_routes
-from relay.store import RelayStore
+from relay.store import TRANSIENT_DB_ERRORS, RelayStore
 from relay.telemetry import METER_NAME, RelayMetrics, configure_tracing, prometheus_meter_provider
 from relay.worker import WorkerContext
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 
 class SchemaBehindError(RuntimeError):
+    pass
+
+
+class DatabaseUnreachableError(RuntimeError):
     pass
 
 
@@ -84,8 +89,7 @@ class RelayService:
         if self.settings.metrics_addr:
             self.ops = OpsServer(self.settings.metrics_addr, self.registry, self.readiness)
             await self.ops.start()
-        await self.store.open()
-        await self._check_schema()
+        await self._open_database()
         partitions = await self.store.partition_count()
         for sink in self.router.sinks.values():
             await sink.start()
@@ -199,7 +203,7 @@ class RelayService:
         try:
             revision = await asyncio.wait_for(self.store.schema_revision(), timeout=2.0)
             checks["database"] = True
-            checks["schema"] = revision == head_revision()
+            checks["schema"] = schema_state(revision) != "behind"
         except Exception:  # any failure means not ready; the reason is in the logs
             pass
         for kind, sink in self.router.sinks.items():
@@ -207,12 +211,42 @@ class RelayService:
         return checks
 
     async def _check_schema(self) -> None:
-        current, head = await self.store.schema_revision(), head_revision()
-        if current != head:
+        current = await self.store.schema_revision()
+        state = schema_state(current)
+        if state == "behind":
             raise SchemaBehindError(
-                f"schema {self.settings.schema_name!r} is at revision {current or 'none'}, this relay needs {head}. "
-                "Run `outbox-relay migrate` first (or start with `outbox-relay run --migrate`)."
+                f"schema {self.settings.schema_name!r} is at revision {current or 'none'}, this relay needs "
+                f"{head_revision()}. Run `outbox-relay migrate` first (or start with `outbox-relay run --migrate`)."
             )
+        if state == "ahead":
+            # Migrations only add (expand/contract), so an older relay keeps working during a rollout.
+            log.warning(
+                "schema %s is at revision %s, newer than this relay knows (%s); carrying on",
+                self.settings.schema_name,
+                current,
+                head_revision(),
+            )
+
+    async def _open_database(self) -> None:
+        """Waits for the database instead of exiting: a relay started before its database (or
+        during an outage) should come up when it does, not crash-loop."""
+        backoff = SinkBackoff(0.5, 10.0)
+        limit = self.settings.startup_timeout
+        deadline = time.monotonic() + limit if limit else float("inf")
+        while True:
+            try:
+                await self.store.open()
+                await self._check_schema()
+                return
+            except TRANSIENT_DB_ERRORS as exc:
+                await self.store.close()
+                if time.monotonic() >= deadline:
+                    raise DatabaseUnreachableError(
+                        f"database not reachable within OUTBOX_STARTUP_TIMEOUT={limit:g}s: {type(exc).__name__}: {exc}"
+                    ) from None
+                delay = backoff.failed()
+                log.warning("database not reachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -260,13 +294,22 @@ class RelayService:
 
 
 async def run_until_signalled(service: RelayService) -> None:
+    """Runs until SIGTERM/SIGINT; a signal during start (e.g. while waiting for the database)
+    stops it too."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    starting = asyncio.create_task(service.start())
+    stopping = asyncio.create_task(service.wait())
     try:
-        await service.start()
-        await service.wait()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stopping
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
     finally:
+        stopping.cancel()
         await service.stop()
-    if service.failure is not None:  # a non-zero exit, so supervisors (systemd on-failure) restart it
-        raise RuntimeError(service.failure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from aiokafka.helpers import create_ssl_context
 
 from relay.config import RelaySettings
 from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
-from relay.sinks.base import MESSAGE_ID_HEADER
+from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class KafkaSink:
         self._producer: AIOKafkaProducer | None = None
         self._unknown_since: dict[str, float] = {}
         self._reachable = False
+        self._connecting: asyncio.Task[None] | None = None
 
     def _producer_options(self) -> dict[str, Any]:
         s = self._settings
@@ -90,23 +92,35 @@ class KafkaSink:
         return options
 
     async def start(self) -> None:
-        if self._producer is not None:
-            return
-        producer = AIOKafkaProducer(**self._producer_options())
-        # Retry the first connection: a relay started before its broker should wait, not crash.
+        """Returns at once; connecting goes on in the background, so a relay started while its
+        broker is down still serves its other sink and the control plane (publish reports the
+        broker unavailable meanwhile)."""
+        if self._connecting is None:
+            self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
+
+    async def _connect(self) -> None:
         delay = 0.2
         while True:
+            producer = AIOKafkaProducer(**self._producer_options())
             try:
                 await producer.start()
-                break
             except KafkaConnectionError as exc:
+                await producer.stop()
                 log.warning("kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.sink_backoff_max)
-        self._producer = producer
-        self._reachable = True
+                continue
+            self._producer = producer
+            self._reachable = True
+            log.info("connected to kafka")
+            return
 
     async def stop(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
@@ -118,7 +132,7 @@ class KafkaSink:
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         producer = self._producer
         if producer is None:
-            raise RuntimeError("KafkaSink.publish before start")
+            raise SinkUnavailableError("not connected to kafka yet")
         results: list[PublishResult | None] = [None] * len(rows)
         pending: list[tuple[int, asyncio.Future[Any]]] = []
         for index, row in enumerate(rows):

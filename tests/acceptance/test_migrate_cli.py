@@ -208,6 +208,7 @@ def test_a_password_never_reaches_the_output_of_a_failing_command(command: list[
         OUTBOX_SCHEMA=f"acc_{uuid.uuid4().hex[:12]}",
         OUTBOX_KAFKA_BOOTSTRAP="127.0.0.1:1",
         OUTBOX_LOG_LEVEL="DEBUG",
+        OUTBOX_STARTUP_TIMEOUT="2",
     )
     result = _run(command, env, timeout=60)
 

@@ -525,9 +525,12 @@ async def test_no_password_reaches_the_output_while_a_sink_keeps_failing(
         assert secret not in output, f"the {name} password is in the relay's output"
         assert secret not in metrics.body + response.body, f"the {name} password is served over HTTP"
 
-    # Nor when the database cannot be reached at start (the relay exits with one line).
+    # Nor while the database cannot be reached at start (retries logged, then one line at exit).
     closed = with_password(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", secrets["database"])
-    failed = fleet.spawn(f"relay-nodb-{uuid.uuid4().hex[:4]}", OUTBOX_DATABASE_URL=closed)
+    failed = fleet.spawn(
+        f"relay-nodb-{uuid.uuid4().hex[:4]}", OUTBOX_DATABASE_URL=closed, OUTBOX_STARTUP_TIMEOUT="3"
+    )
     assert await asyncio.to_thread(failed.wait, 60) == 1
     assert secrets["database"] not in failed.log(), failed.log()[-2000:]
     assert "relay failed" in failed.log(), failed.log()[-2000:]
+    assert "database not reachable" in failed.log(), failed.log()[-2000:]
