@@ -28,6 +28,8 @@ from bench.stack import (
     dead_letters,
     delete_topic,
     fresh_schema,
+    machine_busy_since,
+    machine_cpu,
     oldest_pending_age,
     pending,
     postgres_processes,
@@ -141,6 +143,7 @@ class DrainRun:
     relay_cpu: float  # CPU cores the relay processes used while draining
     postgres_cpu: float
     delivered: float  # records found in the sink / rows (NaN when not checked)
+    machine_busy: float  # share of all the machine's cores busy while draining
 
 
 async def drain_once(
@@ -157,13 +160,14 @@ async def drain_once(
         try:
             async with relays(servers, conn, schema, instances, sink, **extra) as fleet:
                 pg = postgres_processes(servers)
-                relay0, pg0 = fleet.cpu_seconds(), cpu_seconds(pg)
+                relay0, pg0, machine0 = fleet.cpu_seconds(), cpu_seconds(pg), machine_cpu()
                 await workload.bulk_insert(conn, schema, topic, rows, size)
                 committed = time.monotonic()
                 emptied = await wait_drained(conn, schema, timeout=600, relays=fleet, every=0.025)
                 elapsed = emptied - committed
                 relay_cpu = (fleet.cpu_seconds() - relay0) / elapsed
                 pg_cpu = (cpu_seconds(pg) - pg0) / elapsed if pg else float("nan")
+                busy = machine_busy_since(machine0)
             if await dead_letters(conn, schema):
                 raise BenchError(
                     f"drain {sink}: events were dead-lettered (see relay logs in {servers.logs})"
@@ -182,7 +186,7 @@ async def drain_once(
                 await delete_topic(servers.kafka, topic)
             else:
                 await redis_delete(servers.redis, topic)
-    return DrainRun(rows / elapsed, relay_cpu, pg_cpu, delivered)
+    return DrainRun(rows / elapsed, relay_cpu, pg_cpu, delivered, busy)
 
 
 DRAIN_CONFIGS = (
@@ -255,6 +259,8 @@ async def run_drain(
         )
         cpu = [r.relay_cpu for r in runs]
         results.add(Figure(f"{name}.relay_cpu", median(cpu), "cores", "info", reps=cpu))
+        busy = [r.machine_busy for r in runs]
+        results.add(Figure(f"{name}.machine_busy", median(busy), "x all cores", "info", reps=busy))
         pg_cpu = [r.postgres_cpu for r in runs]
         results.add(Figure(f"{name}.postgres_cpu", median(pg_cpu), "cores", "info", reps=pg_cpu))
         results.add(
@@ -294,6 +300,8 @@ class LatencyRun:
     received: int
     duplicates: int
     samples: list[tuple[float, float]] = field(repr=False)  # (arrival, latency)
+    relay_cpu: float = float("nan")  # cores the relay used
+    machine_busy: float = float("nan")  # share of all cores busy (relay, writers, servers, consumer)
     pickup: dict[str, float] = field(default_factory=dict)  # payload time -> producer append, ms
     broker: dict[str, float] = field(default_factory=dict)  # producer append -> consumer, ms
 
@@ -356,6 +364,7 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
     try:
         await reader.ready()
         if listen is None:
+            relay_cpu = busy = float("nan")
             producer = AIOKafkaProducer(**ceilings.producer_options(servers.kafka))
             await producer.start()
             try:
@@ -394,7 +403,11 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                                     schema=schema,
                                 )
 
+                        cpu0, machine0 = fleet.cpu_seconds(), machine_cpu()
+                        began = time.monotonic()
                         committed = await paced(rate, seconds + plan.latency_warmup, 16, write)
+                        relay_cpu = (fleet.cpu_seconds() - cpu0) / (time.monotonic() - began)
+                        busy = machine_busy_since(machine0)
                         await wait_drained(conn, schema, timeout=120, relays=fleet, every=0.1)
                 finally:
                     await pool.close()
@@ -407,14 +420,16 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
     # metadata are set up then, and this scenario is about steady load.
     measured = [(arrived, latency, pickup) for n, arrived, latency, pickup in samples if n >= warm]
     return LatencyRun(
-        latency_summary([latency for _, latency, _ in measured]),
-        int(rate * seconds),
-        committed - warm,
-        len(measured),
-        duplicates,
-        [(arrived, latency) for arrived, latency, _ in measured],
-        latency_summary([pickup for _, _, pickup in measured]),
-        latency_summary([latency - pickup for _, latency, pickup in measured]),
+        summary=latency_summary([latency for _, latency, _ in measured]),
+        target=int(rate * seconds),
+        committed=committed - warm,
+        received=len(measured),
+        duplicates=duplicates,
+        samples=[(arrived, latency) for arrived, latency, _ in measured],
+        relay_cpu=relay_cpu,
+        machine_busy=busy,
+        pickup=latency_summary([pickup for _, _, pickup in measured]),
+        broker=latency_summary([latency - pickup for _, latency, pickup in measured]),
     )
 
 
@@ -459,6 +474,10 @@ async def run_latency(servers: Servers, plan: Plan, results: Results) -> None:
             for leg in ("pickup", "broker"):
                 values = [getattr(r, leg)["p99"] for r in runs]
                 results.add(Figure(f"{name}.{leg}_p99_ms", median(values), "ms", "info", reps=values))
+            if mode != "raw":
+                for key, unit in (("relay_cpu", "cores"), ("machine_busy", "x all cores")):
+                    values = [getattr(r, key) for r in runs]
+                    results.add(Figure(f"{name}.{key}", median(values), unit, "info", reps=values))
             p99 = median([r.summary["p99"] for r in runs])
             if mode == "raw":
                 floors[rate] = p99

@@ -363,3 +363,17 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
             times = process.cpu_times()
             total += times.user + times.system
     return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    total = sum(times)
+    return total - idle, total
+
+
+def machine_busy_since(start: tuple[float, float]) -> float:
+    """Share of the machine's CPU capacity busy since `start` (0..1), whoever used it."""
+    busy, total = machine_cpu()
+    return (busy - start[0]) / (total - start[1]) if total > start[1] else float("nan")
