@@ -23,6 +23,7 @@ from bench.stack import (
     BenchError,
     Servers,
     count_kafka_records,
+    cpu_by_pid,
     cpu_seconds,
     create_topic,
     dead_letters,
@@ -32,6 +33,7 @@ from bench.stack import (
     machine_cpu,
     oldest_pending_age,
     pending,
+    postgres_cpu_since,
     postgres_processes,
     redis_delete,
     redis_stream_length,
@@ -302,6 +304,7 @@ class LatencyRun:
     samples: list[tuple[float, float]] = field(repr=False)  # (arrival, latency)
     relay_cpu: float = float("nan")  # cores the relay used
     machine_busy: float = float("nan")  # share of all cores busy (relay, writers, servers, consumer)
+    postgres_cpu: float = float("nan")  # cores the embedded Postgres used
     pickup: dict[str, float] = field(default_factory=dict)  # payload time -> producer append, ms
     broker: dict[str, float] = field(default_factory=dict)  # producer append -> consumer, ms
 
@@ -364,7 +367,7 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
     try:
         await reader.ready()
         if listen is None:
-            relay_cpu = busy = float("nan")
+            relay_cpu = busy = pg_cpu = float("nan")
             producer = AIOKafkaProducer(**ceilings.producer_options(servers.kafka))
             await producer.start()
             try:
@@ -404,9 +407,11 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                                 )
 
                         cpu0, machine0 = fleet.cpu_seconds(), machine_cpu()
+                        pg0 = cpu_by_pid(postgres_processes(servers))
                         began = time.monotonic()
                         committed = await paced(rate, seconds + plan.latency_warmup, 16, write)
                         relay_cpu = (fleet.cpu_seconds() - cpu0) / (time.monotonic() - began)
+                        pg_cpu = postgres_cpu_since(servers, pg0) / (time.monotonic() - began)
                         busy = machine_busy_since(machine0)
                         await wait_drained(conn, schema, timeout=120, relays=fleet, every=0.1)
                 finally:
@@ -428,6 +433,7 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
         samples=[(arrived, latency) for arrived, latency, _ in measured],
         relay_cpu=relay_cpu,
         machine_busy=busy,
+        postgres_cpu=pg_cpu,
         pickup=latency_summary([pickup for _, _, pickup in measured]),
         broker=latency_summary([latency - pickup for _, latency, pickup in measured]),
     )
@@ -475,7 +481,11 @@ async def run_latency(servers: Servers, plan: Plan, results: Results) -> None:
                 values = [getattr(r, leg)["p99"] for r in runs]
                 results.add(Figure(f"{name}.{leg}_p99_ms", median(values), "ms", "info", reps=values))
             if mode != "raw":
-                for key, unit in (("relay_cpu", "cores"), ("machine_busy", "x all cores")):
+                for key, unit in (
+                    ("relay_cpu", "cores"),
+                    ("postgres_cpu", "cores"),
+                    ("machine_busy", "x all cores"),
+                ):
                     values = [getattr(r, key) for r in runs]
                     results.add(Figure(f"{name}.{key}", median(values), unit, "info", reps=values))
             p99 = median([r.summary["p99"] for r in runs])

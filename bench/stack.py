@@ -377,3 +377,21 @@ def machine_busy_since(start: tuple[float, float]) -> float:
     """Share of the machine's CPU capacity busy since `start` (0..1), whoever used it."""
     busy, total = machine_cpu()
     return (busy - start[0]) / (total - start[1]) if total > start[1] else float("nan")
+
+
+def cpu_by_pid(processes: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            out[process.pid] = times.user + times.system
+    return out
+
+
+def postgres_cpu_since(servers: Servers, before: dict[int, float]) -> float:
+    """CPU seconds the embedded Postgres (postmaster and every backend, new ones included) used since
+    `before` (from cpu_by_pid(postgres_processes(servers))); NaN for an external server."""
+    processes = postgres_processes(servers)
+    if not processes:
+        return float("nan")
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in cpu_by_pid(processes).items())
