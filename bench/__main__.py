@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 import traceback
@@ -46,8 +47,9 @@ def results_stem(started: datetime, scenarios: tuple[str, ...], quick: bool) -> 
 
 async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
     from bench import scenarios as sc
-    from bench.stack import Servers, server_version
+    from bench.stack import Servers, machine_cpu, own_cpu, server_version
 
+    machine0, own0, began = machine_cpu(), own_cpu(), time.monotonic()
     servers = await asyncio.to_thread(Servers.start)
     try:
         machine_servers = {
@@ -71,7 +73,7 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
         for name, step in steps:
             if name != "ceilings" and name not in scenarios:
                 continue
-            began = time.monotonic()
+            step_began = time.monotonic()
             log.info("== %s", name)
             try:
                 outcome = await step()
@@ -80,7 +82,12 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
             except Exception as exc:
                 log.error("%s failed:\n%s", name, traceback.format_exc())
                 results.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-            log.info("== %s took %.0f s", name, time.monotonic() - began)
+            log.info("== %s took %.0f s", name, time.monotonic() - step_began)
+        # Other sessions' work on a shared machine skews every figure: say how much there was.
+        busy, _ = machine_cpu()
+        foreign = max(busy - machine0[0] - (own_cpu() - own0), 0.0) / (time.monotonic() - began)
+        results.machine["CPU used by other processes during the run"] = f"{foreign:.2f} cores on average"
+        results.machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     finally:
         await asyncio.to_thread(servers.stop)
 

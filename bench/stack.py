@@ -395,3 +395,16 @@ def postgres_cpu_since(servers: Servers, before: dict[int, float]) -> float:
     if not processes:
         return float("nan")
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in cpu_by_pid(processes).items())
+
+
+def own_cpu() -> float:
+    """CPU seconds used by this process and every descendant (servers, relays, consumers), live or
+    finished: what the rest of the machine's busy time is not."""
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total

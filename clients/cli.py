@@ -587,14 +587,24 @@ class _Filter:
         return ", ".join(f"{k}={v.isoformat() if isinstance(v, datetime) else v}" for k, v in self.kwargs().items() if v is not None)
 
 
-def _selection(ids: list[int] | None, where: _Filter) -> tuple[list[int] | None, str]:
+def _selection(ids: list[int] | None, where: _Filter) -> tuple[dict[str, Any], str]:
+    """The client keyword arguments choosing the dead letters (IDS or the filters), and their description."""
     if ids and not where.is_empty():
         _fail("give dead letter IDS or filters (--topic/--key/--reason/--since/--until), not both", EXIT_USAGE)
     if not ids and where.is_empty():
         _fail("give dead letter IDS or at least one filter (--topic/--key/--reason/--since/--until)", EXIT_USAGE)
     if ids:
-        return ids, f"{len(ids)} dead letter(s) by id"
-    return None, f"the dead letters matching {where.describe()}"
+        return {"ids": ids}, f"{len(ids)} dead letter(s) by id"
+    return where.kwargs(), f"the dead letters matching {where.describe()}"
+
+
+def _confirmed(
+    ctx: typer.Context, yes: bool, dry_run: bool, action: str, call: Callable[[bool], T], prompt: Callable[[T], str]
+) -> T:
+    """`call(dry_run)`; unless it is a dry run, first asks `prompt(call(True))` (the dry run's result) via _confirm."""
+    if not dry_run:
+        _confirm(ctx, yes, action, lambda: prompt(call(True)))
+    return call(dry_run)
 
 
 @dead_letters_app.command("list")
@@ -686,18 +696,17 @@ def dead_letters_replay(
     yes: YesOption = False,
 ) -> None:
     """Put dead letters (IDS or those matching the filters) back into the outbox as new events."""
-    where = _Filter.parse(topic, key, reason, since, until)
-    chosen, what = _selection(ids, where)
-    selection = {"ids": chosen} if chosen else where.kwargs()
-    with _session(ctx) as client:
-        if not dry_run:
-            def preview() -> str:
-                p = client.replay(request_id, **selection, force=force, dry_run=True)
-                skipped = f", {p.skipped_already_replayed_count} already replayed would be skipped" if p.skipped_already_replayed_count else ""
-                return f"Replay {p.replayed_count} dead letter(s) ({what}{skipped})?"
+    selection, what = _selection(ids, _Filter.parse(topic, key, reason, since, until))
 
-            _confirm(ctx, yes, f"replay {what}", preview)
-        result = client.replay(request_id, **selection, force=force, dry_run=dry_run)
+    def question(p: ReplayResult) -> str:
+        skipped = f", {p.skipped_already_replayed_count} already replayed would be skipped" if p.skipped_already_replayed_count else ""
+        return f"Replay {p.replayed_count} dead letter(s) ({what}{skipped})?"
+
+    with _session(ctx) as client:
+        result = _confirmed(
+            ctx, yes, dry_run, f"replay {what}",
+            lambda dry: client.replay(request_id, **selection, force=force, dry_run=dry), question,
+        )
     _emit(ctx, result, lambda c: _show_replay(c, result))
 
 
@@ -724,17 +733,13 @@ def dead_letters_purge(
     yes: YesOption = False,
 ) -> None:
     """Delete dead letters (IDS or those matching the filters) from the archive, for good."""
-    where = _Filter.parse(topic, key, reason, since, until)
-    chosen, what = _selection(ids, where)
-    selection = {"ids": chosen} if chosen else where.kwargs()
+    selection, what = _selection(ids, _Filter.parse(topic, key, reason, since, until))
     with _session(ctx) as client:
-        if not dry_run:
-            def preview() -> str:
-                p = client.purge(**selection, dry_run=True)
-                return f"Delete {p.purged_count} dead letter(s) ({what}) permanently?"
-
-            _confirm(ctx, yes, f"purge {what}", preview)
-        result = client.purge(**selection, dry_run=dry_run)
+        result = _confirmed(
+            ctx, yes, dry_run, f"purge {what}",
+            lambda dry: client.purge(**selection, dry_run=dry),
+            lambda p: f"Delete {p.purged_count} dead letter(s) ({what}) permanently?",
+        )
 
     def human(console: Console) -> None:
         verb = "would purge" if result.dry_run else "purged"

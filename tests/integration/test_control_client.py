@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
 import time
 import traceback
 import uuid
@@ -43,6 +42,7 @@ from clients.control import (
 )
 from control.server import ControlServer, ControlSettings
 from tests.conftest import settings_for
+from tests.pki import Pki, make_pki
 
 ADMIN_TOKEN = "admin-client-token-5e1f0a9c7b3d"
 READ_TOKEN = "read-client-token-2c8d4b6e0f1a"
@@ -682,41 +682,9 @@ async def test_config_from_environment_and_token_file(
 # --- TLS and mTLS ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def _issue(directory: Path, name: str, ca: Path, ca_key: Path, extensions: str) -> tuple[Path, Path]:
-    key, csr, cert, ext = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
-    ext.write_text(extensions)
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-             "-out", str(cert), "-days", "2", "-extfile", str(ext))
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("client-pki")
-    ca, ca_key = directory / "ca.pem", directory / "ca.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=client-test-ca")
-    server_cert, server_key = _issue(
-        directory, "control.internal", ca, ca_key,
-        "subjectAltName=DNS:control.internal,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    client_cert, client_key = _issue(directory, "operator", ca, ca_key, "extendedKeyUsage=clientAuth\n")
-    return Pki(ca, server_cert, server_key, client_cert, client_key)
+    return make_pki(tmp_path_factory.mktemp("client-pki"))
 
 
 async def test_tls_and_server_name(database_url: str, schema: str, pki: Pki) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.server import ControlServer, ControlSettings, InsecureConfigurationError, is_loopback
 from relay.migrate import head_revision
 from tests.conftest import settings_for
+from tests.pki import Pki, make_pki
 
 ADMIN_TOKEN = "admin-secret-3f9a1c0e5b7d"
 READ_TOKEN = "read-secret-8e2b6d4a1f0c"
@@ -198,50 +197,9 @@ async def test_reflection_is_open(server: ControlServer) -> None:
 # --- TLS and mTLS --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path
-    stranger_key: Path
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def _issue(directory: Path, name: str, ca: Path, ca_key: Path, extensions: str) -> tuple[Path, Path]:
-    key, csr, cert, ext = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
-    ext.write_text(extensions)
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-             "-out", str(cert), "-days", "2", "-extfile", str(ext))
-    return cert, key
-
-
-def _ca(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}")
-    return cert, key
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, ca_key = _ca(directory, "test-ca")
-    other_ca, other_ca_key = _ca(directory, "other-ca")
-    server_cert, server_key = _issue(
-        directory, "localhost", ca, ca_key,
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    client_cert, client_key = _issue(directory, "operator", ca, ca_key, "extendedKeyUsage=clientAuth\n")
-    stranger_cert, stranger_key = _issue(directory, "stranger", other_ca, other_ca_key, "extendedKeyUsage=clientAuth\n")
-    yield Pki(ca, server_cert, server_key, client_cert, client_key, stranger_cert, stranger_key)
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _secure_channel(port: int, pki: Pki, cert: Path | None = None, key: Path | None = None) -> grpc.aio.Channel:
