@@ -94,7 +94,9 @@ class RelayStore:
 
     async def connect_listener(self) -> asyncpg.Connection:
         """A dedicated session for LISTEN (never a pooled one)."""
-        return await asyncpg.connect(self._url, statement_cache_size=0)
+        return await asyncpg.connect(
+            self._url, statement_cache_size=0, server_settings={"application_name": "outbox-relay-listener"}
+        )
 
     # -- the relay path: claim, settle, fail ------------------------------------------------
 
