@@ -47,8 +47,9 @@ class Plan:
 
     @property
     def floor_seconds(self) -> float:
-        """The raw produce-to-consume latency floor runs a third as long as the relay runs."""
-        return max(self.latency_seconds / 3, 3.0)
+        """The raw produce-to-consume floor runs as long as the relay runs: Tansu's latency grows as a
+        topic fills (p99 14 ms in the first 5 s, 277 ms after 25 s at 2,000/s without any relay)."""
+        return self.latency_seconds
 
 
 def needed_ceilings(scenarios: tuple[str, ...]) -> set[str]:

@@ -112,7 +112,9 @@ def _results() -> Results:
     results.options = {"command": "python -m bench --quick", "reps": 3}
     results.machine = {"CPU": "Test CPU", "cores": "2 logical"}
     results.add(Figure("ceiling.kafka_produce.200B", 100_000.0, "msgs/s", "ceiling", reps=[9e4, 1e5, 1.1e5]))
-    results.add(Figure("drain.kafka.200B.x1.vs_raw", 0.5, "x raw produce", bar=Bar(">=", 0.8), reps=[0.4, 0.5]))
+    results.add(
+        Figure("drain.kafka.200B.x1.vs_raw", 0.5, "x raw produce", bar=Bar(">=", 0.8), reps=[0.4, 0.5])
+    )
     results.add(Figure("latency.listen.500.p99_ms", 20.0, "ms", "absolute", Bar("<=", 25)))
     results.note("drain", "a note | with a pipe")
     results.series["relay, 500/s"] = time_bins([(float(t) / 10, 0.01 + t / 1e4) for t in range(50)])
