@@ -124,7 +124,7 @@ async def run_ceilings(servers: Servers, plan: Plan, results: Results, which: se
         f"pg_drain: {plan.pg_drain_loops} concurrent loops of DELETE ... WHERE id IN (SELECT id ... ORDER BY id"
         f" LIMIT {plan.pg_drain_batch} FOR UPDATE SKIP LOCKED) RETURNING <the relay's columns>, over a"
         f" {plan.backlog:,}-row backlog. kafka_produce: {plan.raw_messages:,} messages, send() {plan.kafka_chunk}"
-        " then gather their futures, with the relay's producer settings (acks=all, linger 5 ms), to a fresh"
+        " then gather their futures, with the relay's producer settings (acks=all, linger 0 ms), to a fresh"
         f" 8-partition topic. redis_xadd: {plan.raw_messages:,} XADDs pipelined {plan.redis_chunk} at a time."
         " pipeline (not a bar, an explanation): 16 concurrent loops of that DELETE ... RETURNING 500 rows then"
         " publishing them (send + gather, or one XADD pipeline), i.e. the least a relay must do, with none of"

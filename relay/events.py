@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 
@@ -41,13 +42,19 @@ class OutboxRow:
 
 
 def _decode_headers(raw: str | None) -> dict[str, str]:
-    if not raw:
+    if not raw or raw == "{}":
         return {}
+    return dict(_decode_headers_cached(raw))
+
+
+@lru_cache(maxsize=4096)
+def _decode_headers_cached(raw: str) -> tuple[tuple[str, str], ...]:
+    # Events of one producer tend to carry the same headers; decoding each row again cost ~9% CPU.
     decoded = json.loads(raw)
     # The column is a public contract, so a plain-SQL writer may have stored non-string values.
-    return {
-        str(name): value if isinstance(value, str) else json.dumps(value) for name, value in decoded.items()
-    }
+    return tuple(
+        (str(name), value if isinstance(value, str) else json.dumps(value)) for name, value in decoded.items()
+    )
 
 
 class Outcome(StrEnum):
