@@ -22,12 +22,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
-from control.server import ControlServer, ControlSettings
+from control.server import ControlServer
 from relay.migrate import head_revision
-from tests.conftest import settings_for
+from tests.integration.control_server import ADMIN_TOKEN, serving, start_server
 
-ADMIN_TOKEN = "admin-token-for-tests-0123456789"
-READ_TOKEN = "read-token-for-tests-0123456789"
 CALL_TIMEOUT = 20.0
 STATE_TABLES = (
     "outbox", "dead_letter_archive", "replay_log", "replay_requests", "pauses", "audit_log", "distributed_locks",
@@ -51,22 +49,10 @@ class Client:
         return call
 
 
-async def start_server(database_url: str, schema: str, **overrides: Any) -> ControlServer:
-    settings = ControlSettings(
-        addr="127.0.0.1:0", admin_token=ADMIN_TOKEN, read_token=READ_TOKEN, **overrides
-    )
-    server = ControlServer(settings, settings_for(database_url, schema))
-    await server.start()
-    return server
-
-
 @pytest.fixture
 async def server(database_url: str, schema: str) -> AsyncIterator[ControlServer]:
-    server = await start_server(database_url, schema)
-    try:
-        yield server
-    finally:
-        await server.stop(0)
+    async for running in serving(database_url, schema):
+        yield running
 
 
 @pytest.fixture

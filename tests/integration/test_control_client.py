@@ -40,24 +40,14 @@ from clients.control import (
     ReplayResult,
     Status,
 )
-from control.server import ControlServer, ControlSettings
-from tests.conftest import settings_for
+from control.server import ControlServer
+from tests.integration.control_server import ADMIN_TOKEN, READ_TOKEN, serving, start_server
 from tests.pki import Pki, make_pki
 
-ADMIN_TOKEN = "admin-client-token-5e1f0a9c7b3d"
-READ_TOKEN = "read-client-token-2c8d4b6e0f1a"
 OPERATOR = "tester"
 
 
 # --- server and state ----------------------------------------------------------------------------
-
-
-async def start_server(database_url: str, schema: str, **overrides: Any) -> ControlServer:
-    overrides.setdefault("addr", "127.0.0.1:0")
-    settings = ControlSettings(admin_token=ADMIN_TOKEN, read_token=READ_TOKEN, shutdown_grace=0, **overrides)
-    server = ControlServer(settings, settings_for(database_url, schema))
-    await server.start()
-    return server
 
 
 @pytest.fixture(autouse=True)
@@ -70,11 +60,8 @@ def _no_client_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def server(database_url: str, schema: str) -> AsyncIterator[ControlServer]:
-    server = await start_server(database_url, schema)
-    try:
-        yield server
-    finally:
-        await server.stop(0)
+    async for running in serving(database_url, schema):
+        yield running
 
 
 @pytest.fixture
