@@ -2,7 +2,11 @@
 
 (a) Postgres drain: DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) RETURNING
     in a loop over asyncpg; (b) raw produce: aiokafka send() then gather, in chunks; (c) raw Redis:
-    pipelined XADD; (d) writer ceiling: concurrent single-row committing transactions."""
+    pipelined XADD; (d) writer ceiling: concurrent single-row committing transactions.
+
+Beside (b) and (c), the same messages sent the way the relay sends them (record batches built by the
+client; one script call per chunk of XADDs): not the bars, they show what the client could do
+faster than its plain API."""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import time
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from bench import workload
 from bench.stack import Servers, create_topic, delete_topic, fresh_schema, redis_delete
 from clients.writer import aenqueue
+from relay.sinks.redis import XADD_BATCH_SCRIPT
 
 
 def producer_options(bootstrap: str) -> dict[str, object]:
@@ -85,6 +91,68 @@ async def kafka_produce(servers: Servers, size: int, count: int, chunk: int = 20
     finally:
         await producer.stop()
         await delete_topic(servers.kafka, topic)
+    return count / elapsed
+
+
+async def kafka_produce_batches(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Messages/s when the client builds the record batches (create_batch / send_batch), one per
+    partition per `chunk` messages, keys partitioned as send() would (murmur2)."""
+    topic = await create_topic(servers.kafka, "bench.raw")
+    messages = [
+        (workload.key(n).encode(), workload.payload(n, size), workload.kafka_headers()) for n in range(count)
+    ]
+    producer = AIOKafkaProducer(**producer_options(servers.kafka))
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(topic))
+        started = time.perf_counter()
+        for first in range(0, count, chunk):
+            builders: dict[int, object] = {}
+            acknowledgements = []
+            for key, value, headers in messages[first : first + chunk]:
+                partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+                builder = builders.get(partition)
+                if (
+                    builder is None
+                    or builder.append(timestamp=None, key=key, value=value, headers=headers) is None
+                ):  # type: ignore[attr-defined]
+                    if builder is not None:
+                        acknowledgements.append(
+                            await producer.send_batch(builder, topic, partition=partition)
+                        )
+                    builder = builders[partition] = producer.create_batch()
+                    builder.append(timestamp=None, key=key, value=value, headers=headers)  # type: ignore[attr-defined]
+            for partition, builder in builders.items():
+                acknowledgements.append(await producer.send_batch(builder, topic, partition=partition))
+            await asyncio.gather(*acknowledgements)
+        elapsed = time.perf_counter() - started
+    finally:
+        await producer.stop()
+        await delete_topic(servers.kafka, topic)
+    return count / elapsed
+
+
+async def redis_script(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Entries/s of the relay's XADD script (relay/sinks/redis.py), `chunk` entries per call."""
+    stream = f"bench.raw.{time.monotonic_ns()}"
+    entries = [workload.redis_fields(n, size) for n in range(count)]
+    client = aioredis.from_url(servers.redis)
+    script = client.register_script(XADD_BATCH_SCRIPT)
+    try:
+        await client.ping()
+        started = time.perf_counter()
+        for first in range(0, count, chunk):
+            chunk_entries = entries[first : first + chunk]
+            args: list[object] = [0]
+            for fields in chunk_entries:
+                args.append(len(fields))
+                for pair in fields.items():
+                    args.extend(pair)
+            await script(keys=[stream] * len(chunk_entries), args=args)
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.aclose()
+        await redis_delete(servers.redis, stream)
     return count / elapsed
 
 

@@ -85,6 +85,14 @@ async def run_ceilings(servers: Servers, plan: Plan, results: Results, which: se
                 ),
             )
             add(f"kafka_produce.{label}", f"kafka.{label}", values, "msgs/s")
+            values = await repeat(
+                plan,
+                f"ceiling kafka_produce_batches {label}",
+                lambda _r, size=size: ceilings.kafka_produce_batches(
+                    servers, size, plan.raw_messages, plan.kafka_chunk
+                ),
+            )
+            add(f"kafka_produce_batches.{label}", f"kafka_batches.{label}", values, "msgs/s")
         if "redis" in which and servers.redis:
             values = await repeat(
                 plan,
@@ -92,6 +100,14 @@ async def run_ceilings(servers: Servers, plan: Plan, results: Results, which: se
                 lambda _r, size=size: ceilings.redis_xadd(servers, size, plan.raw_messages, plan.redis_chunk),
             )
             add(f"redis_xadd.{label}", f"redis.{label}", values, "entries/s")
+            values = await repeat(
+                plan,
+                f"ceiling redis_script {label}",
+                lambda _r, size=size: ceilings.redis_script(
+                    servers, size, plan.raw_messages, plan.redis_chunk
+                ),
+            )
+            add(f"redis_script.{label}", f"redis_script.{label}", values, "entries/s")
     if "pipeline" in which:
         for label, size in workload.SIZES.items():
             for sink in ("kafka", "redis"):
@@ -126,6 +142,9 @@ async def run_ceilings(servers: Servers, plan: Plan, results: Results, which: se
         f" {plan.backlog:,}-row backlog. kafka_produce: {plan.raw_messages:,} messages, send() {plan.kafka_chunk}"
         " then gather their futures, with the relay's producer settings (acks=all, linger 0 ms), to a fresh"
         f" 8-partition topic. redis_xadd: {plan.raw_messages:,} XADDs pipelined {plan.redis_chunk} at a time."
+        " kafka_produce_batches and redis_script (not bars): the same messages sent the way the relay sends"
+        " them, record batches built by the client (create_batch / send_batch, one per partition per chunk)"
+        " and one call of the relay's XADD script per chunk: what the clients do beyond their plain API."
         " pipeline (not a bar, an explanation): 16 concurrent loops of that DELETE ... RETURNING 500 rows then"
         " publishing them (send + gather, or one XADD pipeline), i.e. the least a relay must do, with none of"
         " its guarantees, competing for the same CPUs as the relay does."
@@ -246,6 +265,16 @@ async def run_drain(
                 "x raw Postgres drain",
                 "info",
                 reps=[ratio(r, pg_raw) for r in rates],
+            )
+        )
+        fast = ceil.get(f"{'kafka_batches' if sink == 'kafka' else 'redis_script'}.{label}", float("nan"))
+        results.add(
+            Figure(
+                f"{name}.vs_raw_fast_path",
+                ratio(median(rates), fast),
+                f"x raw {'produce_batches' if sink == 'kafka' else 'script'}",
+                "info",
+                reps=[ratio(r, fast) for r in rates],
             )
         )
         pipe = ceil.get(f"pipeline.{sink}.{label}", float("nan"))

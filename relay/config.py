@@ -115,6 +115,9 @@ class RelaySettings(DatabaseSettings):
         default_factory=dict,
         description="topic=N,... shards a topic over streams 'topic:0'..'topic:N-1' by key.",
     )
+    redis_scripts: bool = Field(
+        True, description="One server-side script call per batch; false: a pipeline of XADDs."
+    )
 
     control_addr: str | None = Field(None, description="Serve the gRPC control plane here inside `run`.")
     metrics_addr: str | None = Field(None, description="Serve /metrics, /healthz, /readyz here.")

@@ -25,10 +25,12 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from relay.config import RelaySettings
 from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
+from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, SharedBatches
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class KafkaSink:
             raise ValueError("OUTBOX_KAFKA_BOOTSTRAP is required when a topic routes to Kafka")
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
+        self._batches: SharedBatches | None = None
+        self._partitioner = KeyPartitioner()
         self._unknown_since: dict[str, float] = {}
         self._reachable = False
         self._connecting: asyncio.Task[None] | None = None
@@ -111,6 +115,7 @@ class KafkaSink:
                 delay = min(delay * 2, self._settings.sink_backoff_max)
                 continue
             self._producer = producer
+            self._batches = SharedBatches(producer)
             self._reachable = True
             log.info("connected to kafka")
             return
@@ -121,7 +126,7 @@ class KafkaSink:
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
-        producer, self._producer = self._producer, None
+        producer, self._producer, self._batches = self._producer, None, None
         if producer is not None:
             await producer.stop()
 
@@ -130,34 +135,73 @@ class KafkaSink:
         return self._producer is not None and self._reachable
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
-        producer = self._producer
-        if producer is None:
+        producer, batches = self._producer, self._batches
+        if producer is None or batches is None:
             raise SinkUnavailableError("not connected to kafka yet")
         results: list[PublishResult | None] = [None] * len(rows)
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        layouts = await self._layouts(producer, {row.topic for row in rows})
+        carried: list[tuple[int, OpenBatch]] = []
         for index, row in enumerate(rows):
-            try:
-                future = await producer.send(
-                    row.topic,
-                    value=row.payload,
-                    key=None if row.key is None else row.key.encode(),
-                    headers=kafka_headers(row),
-                )
-            except Exception as exc:  # classified below, per event
-                results[index] = self._classify(row, exc)
-            else:
-                pending.append((index, future))
-        acks = await asyncio.gather(*(future for _, future in pending), return_exceptions=True)
-        for (index, _), ack in zip(pending, acks, strict=True):
-            results[index] = self._classify(rows[index], ack) if isinstance(ack, BaseException) else PUBLISHED
-            if results[index] is PUBLISHED:
-                self._unknown_since.pop(rows[index].topic, None)
+            layout = layouts[row.topic]
+            if isinstance(layout, BaseException):
+                results[index] = self._classify(row, layout)
+                continue
+            key = None if row.key is None else row.key.encode()
+            headers = kafka_headers(row)
+            too_large = self._size_error(key, row.payload, headers)
+            if too_large is not None:
+                results[index] = PublishResult(Outcome.REJECT, "record_too_large", too_large)
+                continue
+            partition = self._partitioner.partition(key, *layout)
+            carried.append((index, batches.append(row.topic, partition, key, row.payload, headers)))
+        if carried:
+            await asyncio.wait({batch.delivery for _, batch in carried})
+        for index, batch in carried:
+            results[index] = await self._outcome(batches, rows[index], batch)
         final = [result or PUBLISHED for result in results]
         if any(r.ok for r in final):
             self._reachable = True
         elif any(r.reason == "broker_unavailable" for r in final):
             self._reachable = False
         return final
+
+    async def _layouts(
+        self, producer: AIOKafkaProducer, topics: set[str]
+    ) -> dict[str, tuple[list[int], list[int]] | BaseException]:
+        """Per topic: (all partitions sorted, those with a leader), or why they are not known."""
+        layouts: dict[str, tuple[list[int], list[int]] | BaseException] = {}
+        cluster = producer.client.cluster
+        for topic in topics:
+            try:
+                partitions = await producer.partitions_for(topic)
+            except Exception as exc:  # classified per event
+                layouts[topic] = exc
+                continue
+            available = cluster.available_partitions_for_topic(topic) or ()
+            layouts[topic] = (sorted(partitions), list(available))
+        return layouts
+
+    def _size_error(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> str | None:
+        limit = self._settings.kafka_max_request_size
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        if size <= limit:
+            return None
+        return f"MessageSizeTooLargeError: the record is {size} bytes, over OUTBOX_KAFKA_MAX_REQUEST_SIZE={limit}"
+
+    async def _outcome(self, batches: SharedBatches, row: OutboxRow, batch: OpenBatch) -> PublishResult:
+        if batch.delivery.cancelled():  # the producer was stopped under it
+            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", "the Kafka producer was stopped")
+        exc = batch.delivery.exception()
+        if exc is None:
+            self._unknown_since.pop(row.topic, None)
+            return PUBLISHED
+        if isinstance(exc, tuple(_REJECTED)) and batch.records > 1:
+            # The broker refused the whole batch for one record's sake: find out which, alone.
+            key = None if row.key is None else row.key.encode()
+            alone = batches.alone(row.topic, batch.partition, key, row.payload, kafka_headers(row))
+            await asyncio.wait({alone.delivery})
+            return await self._outcome(batches, row, alone)
+        return self._classify(row, exc)
 
     def _classify(self, row: OutboxRow, exc: BaseException) -> PublishResult:
         detail = f"{type(exc).__name__}: {exc}"

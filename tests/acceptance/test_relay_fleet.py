@@ -55,9 +55,15 @@ async def test_three_relays_deliver_everything_in_key_order(
     result = check_delivery(written, await read_all(stack, topics))
     assert result["delivered"] == 20_000
     assert result["duplicates"] == 0, "no crash happened, so nothing may arrive twice"
-    held = await leases_by_holder(fleet.database_url, fleet.schema)
-    partitions = {h: [n for n in names if n.startswith("partition:")] for h, names in held.items()}
-    assert sorted(len(p) for p in partitions.values()) == [5, 5, 6], partitions
+
+    # The drain may finish before the late starters got their share (a few heartbeats): the split
+    # must converge to an even one all the same.
+    async def evenly_split() -> bool:
+        held = await leases_by_holder(fleet.database_url, fleet.schema)
+        counts = [sum(n.startswith("partition:") for n in names) for names in held.values()]
+        return sorted(counts) == [5, 5, 6]
+
+    await wait_until(evenly_split, timeout=15, what="a 6/5/5 split of the 16 partitions")
 
 
 async def test_kill_9_mid_run_loses_nothing_and_is_taken_over_within_the_ttl(
