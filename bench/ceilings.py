@@ -30,7 +30,7 @@ def producer_options(bootstrap: str) -> dict[str, object]:
     return {
         "bootstrap_servers": bootstrap,
         "acks": "all",
-        "linger_ms": 0,
+        "linger_ms": 5,
         "max_batch_size": 1_048_576,
         "max_request_size": 1_048_576,
         "enable_idempotence": False,

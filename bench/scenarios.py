@@ -140,7 +140,7 @@ async def run_ceilings(servers: Servers, plan: Plan, results: Results, which: se
         f"pg_drain: {plan.pg_drain_loops} concurrent loops of DELETE ... WHERE id IN (SELECT id ... ORDER BY id"
         f" LIMIT {plan.pg_drain_batch} FOR UPDATE SKIP LOCKED) RETURNING <the relay's columns>, over a"
         f" {plan.backlog:,}-row backlog. kafka_produce: {plan.raw_messages:,} messages, send() {plan.kafka_chunk}"
-        " then gather their futures, with the relay's producer settings (acks=all, linger 0 ms), to a fresh"
+        " then gather their futures, with the relay's producer settings (acks=all, linger 5 ms), to a fresh"
         f" 8-partition topic. redis_xadd: {plan.raw_messages:,} XADDs pipelined {plan.redis_chunk} at a time."
         " kafka_produce_batches and redis_script (not bars): the same messages sent the way the relay sends"
         " them, record batches built by the client (create_batch / send_batch, one per partition per chunk)"
