@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
 from bench import workload
 from bench.stack import Servers, create_topic, delete_topic, fresh_schema, redis_delete
 from clients.writer import aenqueue
-from relay.sinks.redis import XADD_BATCH_SCRIPT
+from relay.sinks.kafka_batches import KeyPartitioner
+from relay.sinks.redis import XADD_BATCH_SCRIPT, script_args
 
 
 def producer_options(bootstrap: str) -> dict[str, object]:
@@ -69,34 +71,13 @@ async def pg_drain(servers: Servers, size: int, rows: int, batch: int = 500, loo
     return taken / elapsed
 
 
-async def kafka_produce(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
-    """Messages/s aiokafka gets acknowledged: send() `chunk` messages, gather their futures, repeat.
-    Same payloads, keys and headers as the relay's, to a fresh 8-partition topic."""
-    topic = await create_topic(servers.kafka, "bench.raw")
-    messages = [
-        (workload.key(n).encode(), workload.payload(n, size), workload.kafka_headers()) for n in range(count)
-    ]
-    producer = AIOKafkaProducer(**producer_options(servers.kafka))
-    await producer.start()
-    try:
-        await producer.partitions_for(topic)
-        started = time.perf_counter()
-        for first in range(0, count, chunk):
-            futures = [
-                await producer.send(topic, value=value, key=key, headers=headers)
-                for key, value, headers in messages[first : first + chunk]
-            ]
-            await asyncio.gather(*futures)
-        elapsed = time.perf_counter() - started
-    finally:
-        await producer.stop()
-        await delete_topic(servers.kafka, topic)
-    return count / elapsed
+KafkaMessage = tuple[bytes, bytes, list[tuple[str, bytes]]]
+KafkaChunk = Callable[[AIOKafkaProducer, str, list[int], list[KafkaMessage]], Awaitable[None]]
 
 
-async def kafka_produce_batches(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
-    """Messages/s when the client builds the record batches (create_batch / send_batch), one per
-    partition per `chunk` messages, keys partitioned as send() would (murmur2)."""
+async def _timed_kafka(servers: Servers, size: int, count: int, chunk: int, send: KafkaChunk) -> float:
+    """Messages/s of `send` over `count` messages in chunks of `chunk`: same payloads, keys and
+    headers as the relay's, the relay's producer settings, a fresh 8-partition topic."""
     topic = await create_topic(servers.kafka, "bench.raw")
     messages = [
         (workload.key(n).encode(), workload.payload(n, size), workload.kafka_headers()) for n in range(count)
@@ -107,24 +88,7 @@ async def kafka_produce_batches(servers: Servers, size: int, count: int, chunk: 
         partitions = sorted(await producer.partitions_for(topic))
         started = time.perf_counter()
         for first in range(0, count, chunk):
-            builders: dict[int, object] = {}
-            acknowledgements = []
-            for key, value, headers in messages[first : first + chunk]:
-                partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
-                builder = builders.get(partition)
-                if (
-                    builder is None
-                    or builder.append(timestamp=None, key=key, value=value, headers=headers) is None
-                ):  # type: ignore[attr-defined]
-                    if builder is not None:
-                        acknowledgements.append(
-                            await producer.send_batch(builder, topic, partition=partition)
-                        )
-                    builder = builders[partition] = producer.create_batch()
-                    builder.append(timestamp=None, key=key, value=value, headers=headers)  # type: ignore[attr-defined]
-            for partition, builder in builders.items():
-                acknowledgements.append(await producer.send_batch(builder, topic, partition=partition))
-            await asyncio.gather(*acknowledgements)
+            await send(producer, topic, partitions, messages[first : first + chunk])
         elapsed = time.perf_counter() - started
     finally:
         await producer.stop()
@@ -132,48 +96,86 @@ async def kafka_produce_batches(servers: Servers, size: int, count: int, chunk: 
     return count / elapsed
 
 
-async def redis_script(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
-    """Entries/s of the relay's XADD script (relay/sinks/redis.py), `chunk` entries per call."""
+async def _send_and_gather(
+    producer: AIOKafkaProducer, topic: str, _partitions: list[int], messages: list[KafkaMessage]
+) -> None:
+    futures = [
+        await producer.send(topic, value=value, key=key, headers=headers) for key, value, headers in messages
+    ]
+    await asyncio.gather(*futures)
+
+
+async def _send_built_batches(
+    producer: AIOKafkaProducer, topic: str, partitions: list[int], messages: list[KafkaMessage]
+) -> None:
+    partitioner = KeyPartitioner()
+    builders: dict[int, Any] = {}
+    acknowledgements = []
+    for key, value, headers in messages:
+        partition = partitioner.partition(key, partitions, partitions)
+        builder = builders.get(partition)
+        if builder is None or builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+            if builder is not None:
+                acknowledgements.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = builders[partition] = producer.create_batch()
+            builder.append(timestamp=None, key=key, value=value, headers=headers)
+    for partition, builder in builders.items():
+        acknowledgements.append(await producer.send_batch(builder, topic, partition=partition))
+    await asyncio.gather(*acknowledgements)
+
+
+async def kafka_produce(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Messages/s aiokafka gets acknowledged: send() `chunk` messages, gather their futures, repeat."""
+    return await _timed_kafka(servers, size, count, chunk, _send_and_gather)
+
+
+async def kafka_produce_batches(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Messages/s when the client builds the record batches (create_batch / send_batch), one per
+    partition per `chunk` messages, keys partitioned as send() would (murmur2)."""
+    return await _timed_kafka(servers, size, count, chunk, _send_built_batches)
+
+
+RedisEntries = list[dict[str, bytes | str]]
+RedisChunk = Callable[[aioredis.Redis, str, RedisEntries], Awaitable[object]]
+
+
+async def _timed_redis(servers: Servers, size: int, count: int, chunk: int, send: RedisChunk) -> float:
+    """Entries/s of `send` over `count` entries with the relay's stream fields, `chunk` at a time."""
     stream = f"bench.raw.{time.monotonic_ns()}"
     entries = [workload.redis_fields(n, size) for n in range(count)]
     client = aioredis.from_url(servers.redis)
-    script = client.register_script(XADD_BATCH_SCRIPT)
     try:
         await client.ping()
         started = time.perf_counter()
         for first in range(0, count, chunk):
-            chunk_entries = entries[first : first + chunk]
-            args: list[object] = [0]
-            for fields in chunk_entries:
-                args.append(len(fields))
-                for pair in fields.items():
-                    args.extend(pair)
-            await script(keys=[stream] * len(chunk_entries), args=args)
+            await send(client, stream, entries[first : first + chunk])
         elapsed = time.perf_counter() - started
     finally:
         await client.aclose()
         await redis_delete(servers.redis, stream)
     return count / elapsed
+
+
+async def _xadd_pipeline(client: aioredis.Redis, stream: str, entries: RedisEntries) -> object:
+    pipe = client.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(stream, fields)  # type: ignore[arg-type]
+    return await pipe.execute()
+
+
+async def _xadd_script(client: aioredis.Redis, stream: str, entries: RedisEntries) -> object:
+    script = client.register_script(XADD_BATCH_SCRIPT)  # loads it once (NOSCRIPT), then EVALSHA
+    return await script(keys=[stream] * len(entries), args=script_args(None, entries))
 
 
 async def redis_xadd(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
     """Entries/s of pipelined XADD (redis.asyncio, no transaction) with the relay's stream fields."""
-    stream = f"bench.raw.{time.monotonic_ns()}"
-    entries = [workload.redis_fields(n, size) for n in range(count)]
-    client = aioredis.from_url(servers.redis)
-    try:
-        await client.ping()
-        started = time.perf_counter()
-        for first in range(0, count, chunk):
-            pipe = client.pipeline(transaction=False)
-            for fields in entries[first : first + chunk]:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]
-            await pipe.execute()
-        elapsed = time.perf_counter() - started
-    finally:
-        await client.aclose()
-        await redis_delete(servers.redis, stream)
-    return count / elapsed
+    return await _timed_redis(servers, size, count, chunk, _xadd_pipeline)
+
+
+async def redis_script(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:
+    """Entries/s of the relay's XADD script (relay/sinks/redis.py), `chunk` entries per call."""
+    return await _timed_redis(servers, size, count, chunk, _xadd_script)
 
 
 async def writer_commits(servers: Servers, concurrency: int, seconds: float, size: int = 200) -> float:

@@ -76,38 +76,31 @@ async def run_ceilings(servers: Servers, plan: Plan, results: Results, which: se
                 ),
             )
             add(f"pg_drain.{label}", f"pg.{label}", values, "rows/s")
+        # (figure, ceiling key, function, chunk, unit): the plain client API, then the relay's path.
+        senders = []
         if "kafka" in which and servers.kafka:
-            values = await repeat(
-                plan,
-                f"ceiling kafka_produce {label}",
-                lambda _r, size=size: ceilings.kafka_produce(
-                    servers, size, plan.raw_messages, plan.kafka_chunk
+            senders += [
+                ("kafka_produce", "kafka", ceilings.kafka_produce, plan.kafka_chunk, "msgs/s"),
+                (
+                    "kafka_produce_batches",
+                    "kafka_batches",
+                    ceilings.kafka_produce_batches,
+                    plan.kafka_chunk,
+                    "msgs/s",
                 ),
-            )
-            add(f"kafka_produce.{label}", f"kafka.{label}", values, "msgs/s")
-            values = await repeat(
-                plan,
-                f"ceiling kafka_produce_batches {label}",
-                lambda _r, size=size: ceilings.kafka_produce_batches(
-                    servers, size, plan.raw_messages, plan.kafka_chunk
-                ),
-            )
-            add(f"kafka_produce_batches.{label}", f"kafka_batches.{label}", values, "msgs/s")
+            ]
         if "redis" in which and servers.redis:
+            senders += [
+                ("redis_xadd", "redis", ceilings.redis_xadd, plan.redis_chunk, "entries/s"),
+                ("redis_script", "redis_script", ceilings.redis_script, plan.redis_chunk, "entries/s"),
+            ]
+        for figure, key, send, chunk, unit in senders:
             values = await repeat(
                 plan,
-                f"ceiling redis_xadd {label}",
-                lambda _r, size=size: ceilings.redis_xadd(servers, size, plan.raw_messages, plan.redis_chunk),
+                f"ceiling {figure} {label}",
+                lambda _r, send=send, size=size, chunk=chunk: send(servers, size, plan.raw_messages, chunk),
             )
-            add(f"redis_xadd.{label}", f"redis.{label}", values, "entries/s")
-            values = await repeat(
-                plan,
-                f"ceiling redis_script {label}",
-                lambda _r, size=size: ceilings.redis_script(
-                    servers, size, plan.raw_messages, plan.redis_chunk
-                ),
-            )
-            add(f"redis_script.{label}", f"redis_script.{label}", values, "entries/s")
+            add(f"{figure}.{label}", f"{key}.{label}", values, unit)
     if "pipeline" in which:
         for label, size in workload.SIZES.items():
             for sink in ("kafka", "redis"):

@@ -48,6 +48,7 @@ _REJECTED = {
     InvalidTopicError: "invalid_topic",
     TopicAuthorizationFailedError: "topic_not_authorized",
 }
+_SIZE_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 def kafka_headers(row: OutboxRow) -> list[tuple[str, bytes]]:
@@ -195,7 +196,7 @@ class KafkaSink:
         if exc is None:
             self._unknown_since.pop(row.topic, None)
             return PUBLISHED
-        if isinstance(exc, tuple(_REJECTED)) and batch.records > 1:
+        if isinstance(exc, _SIZE_REFUSALS) and batch.records > 1:
             # The broker refused the whole batch for one record's sake: find out which, alone.
             key = None if row.key is None else row.key.encode()
             alone = batches.alone(row.topic, batch.partition, key, row.payload, kafka_headers(row))

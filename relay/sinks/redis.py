@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -71,6 +71,16 @@ def stream_fields(row: OutboxRow) -> dict[str, bytes | str]:
     return fields
 
 
+def script_args(maxlen: int | None, entries: Iterable[dict[str, bytes | str]]) -> list[bytes | str | int]:
+    """ARGV of XADD_BATCH_SCRIPT: the MAXLEN, then per entry its field count and field-value pairs."""
+    args: list[bytes | str | int] = [maxlen or 0]
+    for fields in entries:
+        args.append(len(fields))
+        for pair in fields.items():
+            args.extend(pair)
+    return args
+
+
 def headers_json(headers: dict[str, str]) -> str:
     return _compact_json(tuple(headers.items())) if headers else "{}"
 
@@ -122,9 +132,16 @@ class RedisSink:
         client = self._client
         if client is None:
             raise RuntimeError("RedisSink.publish before start")
-        if self._settings.redis_scripts:
-            return await self._publish_scripted(client, rows)
-        return await self._publish_pipelined(client, rows)
+        try:
+            if self._settings.redis_scripts:
+                results = await self._publish_scripted(client, rows)
+            else:
+                results = await self._publish_pipelined(client, rows)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._connected = False
+            raise SinkUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
+        self._connected = True
+        return results
 
     async def _publish_scripted(
         self, client: aioredis.Redis, rows: Sequence[OutboxRow]
@@ -132,26 +149,16 @@ class RedisSink:
         """The whole batch in one command: redis-py's per-command packing and reply parsing cost
         more than the XADDs themselves."""
         shards = self._settings.redis_shards
-        streams: list[str] = []
-        args: list[bytes | str | int] = [self._settings.redis_maxlen or 0]
-        for row in rows:
-            streams.append(stream_name(row, shards))
-            fields = stream_fields(row)
-            args.append(len(fields))
-            for pair in fields.items():
-                args.extend(pair)
+        streams = [stream_name(row, shards) for row in rows]
+        args = script_args(self._settings.redis_maxlen, (stream_fields(row) for row in rows))
         try:
             replies = await self._xadd_batch(keys=streams, args=args, client=client)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            self._connected = False
-            raise SinkUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
         except ResponseError as exc:
             # Not one entry's fault (those come back per entry): scripts refused (NOPERM), out of
             # memory, busy. Counting attempts would dead-letter good events, so: unavailable.
             self._connected = False
             log.error("redis refused the batch script (%s); OUTBOX_REDIS_SCRIPTS=false uses plain XADDs", exc)
             raise SinkUnavailableError(f"redis refused the batch: {exc}") from exc
-        self._connected = True
         return [self._classify_scripted(reply) for reply in replies]
 
     async def _publish_pipelined(
@@ -160,12 +167,7 @@ class RedisSink:
         pipe = client.pipeline(transaction=False)
         for row in rows:
             self._xadd(pipe, row, stream_name(row, self._settings.redis_shards), stream_fields(row))
-        try:
-            replies = await pipe.execute(raise_on_error=False)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            self._connected = False
-            raise SinkUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
-        self._connected = True
+        replies = await pipe.execute(raise_on_error=False)
         return [self._classify(reply) for reply in replies]
 
     def _xadd(self, pipe: Any, row: OutboxRow, stream: str, fields: dict[str, bytes | str]) -> None:
