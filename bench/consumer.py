@@ -3,8 +3,8 @@
 Protocol over a multiprocessing pipe: the child sends "ready" once it is assigned to every partition
 of the (fresh, empty) topic; the parent later sends ("expect", count, timeout); the child answers with
 its samples [(n, arrival wall time, latency s, pickup s)] and the number of duplicates, then exits.
-pickup: from the payload's time to the record's CreateTime, which aiokafka stamps when the producer's
-send() appends it (ms resolution): the relay's share (wake-up, claim, hand-over to the producer)."""
+pickup: from the payload's time to the record's CreateTime, which aiokafka stamps when a record is
+appended to a batch (ms resolution): the relay's share (wake-up, claim, hand-over to the producer)."""
 
 from __future__ import annotations
 
