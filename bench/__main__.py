@@ -68,6 +68,7 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
             ("latency", lambda: sc.run_latency(servers, plan, results)),
             ("keepup", lambda: sc.run_keepup(servers, plan, results, ceil)),
             ("memory", lambda: sc.run_memory(servers, plan, results)),
+            ("memory_large", lambda: sc.run_memory_large(servers, plan, results)),
             ("dbcost", lambda: sc.run_dbcost(servers, plan, results)),
         ]
         for name, step in steps:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCENARIOS = ("ceilings", "drain", "latency", "keepup", "memory", "dbcost")
+SCENARIOS = ("ceilings", "drain", "latency", "keepup", "memory", "memory_large", "dbcost")
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class Plan:
     latency_warmup: float = 2.0  # seconds written at the rate before measuring
     keepup_seconds: float = 20.0
     memory_backlog: int = 1_000_000
+    large_backlog: int = 12_000  # events of large_size: 3 GiB, far more than a 512 MiB container
+    large_size: int = 256 * 1024
     dbcost_rows: int = 20_000
     dbcost_batches: tuple[int, ...] = (50, 200, 1000)
     writer_seconds: float = 4.0
@@ -41,6 +43,7 @@ class Plan:
             latency_seconds=5.0,
             keepup_seconds=5.0,
             memory_backlog=100_000,
+            large_backlog=2_000,  # 500 MiB
             dbcost_rows=5_000,
             writer_seconds=1.5,
         )
@@ -59,6 +62,7 @@ def needed_ceilings(scenarios: tuple[str, ...]) -> set[str]:
         "drain": {"pg", "kafka", "redis", "pipeline"},
         "keepup": {"writer"},
         "memory": set(),
+        "memory_large": set(),
         "dbcost": set(),
         "latency": set(),
     }

@@ -18,6 +18,7 @@ SECTIONS = {
     "latency": "2. Latency at steady load",
     "keepup": "3. Keeping up with the writer ceiling",
     "memory": "4. Memory of one relay process",
+    "memory_large": "4b. Memory with large events (the byte budgets)",
     "dbcost": "5. Database cost",
 }
 LIBRARIES = (

@@ -41,6 +41,7 @@ from bench.stack import (
 )
 from bench.stats import latency_summary, median, ratio, time_bins, value_at_fraction
 from clients.writer import aenqueue
+from relay.config import RelaySettings
 
 log = logging.getLogger("bench")
 
@@ -774,6 +775,157 @@ async def run_memory(servers: Servers, plan: Plan, results: Results) -> None:
         " events committed while it runs; psutil samples its RSS every 0.1 s and the outbox is counted every"
         " 0.5 s. rss_at_N: the last RSS sample when N % of the backlog was gone. Flat means RSS at 100 % is"
         " within 10 % of RSS at 25 %.",
+    )
+
+
+# --- 4b. memory with large events --------------------------------------------------------------------
+
+LARGE_MEMORY_BAR_MB = 512  # deploy/kubernetes/deployment.yaml: limits.memory 512Mi
+
+
+def _default_mib(field: str) -> str:
+    return f"{RelaySettings.model_fields[field].default / 2**20:g} MiB"
+
+
+async def memory_large_once(servers: Servers, plan: Plan, verify: bool, **extra: str) -> dict[str, float]:
+    """One relay process (Kafka, defaults) drains a backlog of large events many times its memory
+    limit: the claim and in-flight byte budgets must keep its RSS flat."""
+    rows, size = plan.large_backlog, plan.large_size
+    async with fresh_schema(servers.db) as schema:
+        conn = await asyncpg.connect(servers.db)
+        probe = await asyncpg.connect(servers.db)
+        topic = await create_topic(servers.kafka, "bench.memlarge")
+        try:
+            async with relays(servers, conn, schema, 1, "kafka", **extra) as fleet:
+                process = psutil.Process(fleet.pids[0])
+                await asyncio.sleep(1.0)
+                idle = process.memory_info().rss / 2**20
+                rss: list[tuple[float, float]] = []
+                progress: list[tuple[float, float]] = []
+                stop = asyncio.Event()
+
+                async def sample_rss() -> None:
+                    while not stop.is_set():
+                        with contextlib.suppress(psutil.Error):
+                            rss.append((time.monotonic(), process.memory_info().rss / 2**20))
+                        await asyncio.sleep(0.1)
+
+                sampler = asyncio.create_task(sample_rss())
+                inserted = await workload.bulk_insert_large(conn, schema, topic, rows, size)
+                log.info(
+                    "memory_large: %d events of %d KiB committed in %.0f s", rows, size // 1024, inserted
+                )
+                committed = time.monotonic()
+                while True:
+                    fleet.check_alive()
+                    left = await pending(probe, schema)
+                    progress.append((time.monotonic(), 1 - left / rows))
+                    if left == 0:
+                        break
+                    if time.monotonic() - committed > 1800:
+                        raise BenchError("memory_large: backlog not drained in 1800 s")
+                    await asyncio.sleep(0.5)
+                elapsed = time.monotonic() - committed
+                await asyncio.sleep(0.3)
+                stop.set()
+                await sampler
+            if await dead_letters(conn, schema):
+                raise BenchError(
+                    f"memory_large: events were dead-lettered (see relay logs in {servers.logs})"
+                )
+            delivered = (
+                await count_kafka_records(servers.kafka, topic, rows) / rows if verify else float("nan")
+            )
+        finally:
+            await probe.close()
+            await conn.close()
+            await delete_topic(servers.kafka, topic)
+    out = {
+        "idle": idle,
+        "peak": max(v for _, v in rss),
+        "rate": rows / elapsed,
+        "mib_per_s": rows * size / 2**20 / elapsed,
+        "delivered": delivered,
+    }
+    for pct in (25, 50, 75, 100):
+        out[f"at_{pct}"] = value_at_fraction(progress, rss, pct / 100)
+    return out
+
+
+async def run_memory_large(servers: Servers, plan: Plan, results: Results) -> None:
+    if not servers.kafka:
+        results.note("memory_large", "skipped: no Kafka")
+        return
+    runs = []
+    for rep in range(plan.reps):
+        run = await memory_large_once(servers, plan, verify=rep == 0)
+        log.info("memory_large rep %d/%d: %s", rep + 1, plan.reps, {k: round(v, 2) for k, v in run.items()})
+        runs.append(run)
+
+    def values(key: str) -> list[float]:
+        return [r[key] for r in runs]
+
+    backlog_mib = plan.large_backlog * plan.large_size / 2**20
+    results.add(
+        Figure(
+            "memory_large.peak_rss_mb",
+            median(values("peak")),
+            "MiB",
+            "absolute",
+            Bar("<=", LARGE_MEMORY_BAR_MB),
+            reps=values("peak"),
+        )
+    )
+    results.add(
+        Figure("memory_large.idle_rss_mb", median(values("idle")), "MiB", "absolute", reps=values("idle"))
+    )
+    results.add(
+        Figure(
+            "memory_large.rss_at_100pct_mb",
+            median(values("at_100")),
+            "MiB",
+            "absolute",
+            reps=values("at_100"),
+        )
+    )
+    results.add(
+        Figure(
+            "memory_large.peak_vs_backlog",
+            ratio(median(values("peak")), backlog_mib),
+            "x backlog size",
+            "info",
+            reps=[ratio(v, backlog_mib) for v in values("peak")],
+        )
+    )
+    results.add(
+        Figure(
+            "memory_large.delivered",
+            runs[0]["delivered"],
+            "x rows (first repetition)",
+            bar=Bar(">=", 1.0),
+        )
+    )
+    results.add(
+        Figure(
+            "memory_large.events_per_s", median(values("rate")), "events/s", "absolute", reps=values("rate")
+        )
+    )
+    results.add(
+        Figure(
+            "memory_large.mib_per_s",
+            median(values("mib_per_s")),
+            "MiB/s",
+            "absolute",
+            reps=values("mib_per_s"),
+        )
+    )
+    results.note(
+        "memory_large",
+        f"One relay process (Kafka sink, defaults: OUTBOX_CLAIM_MAX_BYTES {_default_mib('claim_max_bytes')},"
+        f" OUTBOX_INFLIGHT_MAX_BYTES {_default_mib('inflight_max_bytes')}) drains a backlog of {plan.large_backlog:,} events of {plan.large_size // 1024} KiB"
+        f" ({backlog_mib:,.0f} MiB, incompressible JSON) committed by one statement while it runs; psutil"
+        " samples its RSS every 0.1 s. The bar is the 512 MiB memory limit of deploy/kubernetes. delivered:"
+        " records read back from the topic / rows, first repetition.",
     )
 
 

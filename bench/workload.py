@@ -78,3 +78,43 @@ async def bulk_insert(
         _BULK_INSERT.format(schema=schema, keys=KEYS), topic, first, size, _PADS, HEADERS_JSON, count
     )
     return time.perf_counter() - started
+
+
+_LARGE_PADS = (
+    16  # distinct paddings: TOAST compresses each value alone, so repeating them across rows is fine
+)
+
+
+def _large_pads(size: int) -> list[str]:
+    return [random.Random(KEYS + i).randbytes(size // 2 + 1).hex()[:size] for i in range(_LARGE_PADS)]
+
+
+_BULK_INSERT_LARGE = """/* bench */
+INSERT INTO "{schema}".outbox (topic, key, payload, headers)
+SELECT $1, 'k' || (g % {keys}),
+       convert_to(format('{{"n":%s,"key":"k%s","pad":"%s"}}', g, g % {keys},
+           left(($4::text[])[g % {pads} + 1],
+                greatest($3 - length(format('{{"n":%s,"key":"k%s","pad":""}}', g, g % {keys})), 0))),
+           'UTF8'),
+       $5::jsonb
+FROM generate_series($2::bigint, $2::bigint + $6 - 1) AS benchprobe_rows(g)
+"""
+
+
+async def bulk_insert_large(
+    conn: asyncpg.Connection, schema: str, topic: str, count: int, size: int, *, first: int = 0
+) -> float:
+    """Like bulk_insert, for payloads of any size (e.g. 256 KiB): the same JSON shape, exactly `size`
+    bytes, padded with incompressible random hex. One statement, one commit; returns its seconds."""
+    started = time.perf_counter()
+    await conn.execute(
+        _BULK_INSERT_LARGE.format(schema=schema, keys=KEYS, pads=_LARGE_PADS),
+        topic,
+        first,
+        size,
+        _large_pads(size),
+        HEADERS_JSON,
+        count,
+        timeout=1800,
+    )
+    return time.perf_counter() - started

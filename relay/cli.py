@@ -97,10 +97,14 @@ def run(
     ] = False,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run one relay instance until SIGTERM. All settings come from OUTBOX_* env vars."""
+    """Run one relay instance until SIGTERM. All settings come from OUTBOX_* env vars.
+
+    Exits 0 only when asked to stop (SIGTERM, SIGINT); 1 when the relay stopped by itself (a task
+    kept failing past OUTBOX_SUPERVISOR_GIVE_UP) or could not start, 2 on bad configuration, 3 when
+    the schema is behind."""
     settings = _settings(RelaySettings)
     setup_logging(log_level, instance_id=settings.instance_id)
-    from relay.service import RelayService, SchemaBehindError, run_until_signalled
+    from relay.service import RelayFailedError, RelayService, SchemaBehindError, run_until_signalled
 
     try:
         if migrate_first or settings.run_migrations:
@@ -108,6 +112,8 @@ def run(
         asyncio.run(run_until_signalled(RelayService(settings)))
     except SchemaBehindError as exc:
         raise _fail(str(exc), 3) from None
+    except RelayFailedError as exc:  # the traceback is in the log already, where the task failed
+        raise _fail(f"relay stopped: {exc}", 1) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
     except Exception as exc:  # one clear line for the operator, no traceback with a URL in it

@@ -8,7 +8,7 @@ import socket
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -65,6 +65,16 @@ class RelaySettings(DatabaseSettings):
     routes: str = Field("", description="Comma-separated pattern=sink, shell-style, first match wins.")
 
     batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per batch and partition.")
+    claim_max_bytes: int = Field(
+        8 * 2**20,
+        ge=1024,
+        description="Payload+key+header bytes one claim returns at most (but always one event).",
+    )
+    inflight_max_bytes: int = Field(
+        128 * 2**20,
+        ge=1024,
+        description="Bytes of claimed events one instance holds at once, all partitions together.",
+    )
     lease_ttl: float = Field(10.0, gt=0.5, description="Seconds a partition lease lives without renewal.")
     poll_interval: float = Field(1.0, gt=0, description="Seconds between polls when no notification arrives.")
     listen: bool = Field(
@@ -76,6 +86,12 @@ class RelaySettings(DatabaseSettings):
     backoff_multiplier: float = Field(2.0, ge=1.0)
     sink_backoff_max: float = Field(
         30.0, gt=0, description="Longest pause between retries of an unreachable sink."
+    )
+    sink_handover_after: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a sink may be unavailable to this instance alone before it hands its"
+        " partitions to healthy peers (0: never).",
     )
     publish_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for broker acknowledgement of a batch."
@@ -96,6 +112,11 @@ class RelaySettings(DatabaseSettings):
         300.0, ge=0, description="Seconds to wait for the database at start before giving up (0: forever)."
     )
     shutdown_grace: float = Field(20.0, gt=0, description="Seconds in-flight batches get on SIGTERM.")
+    supervisor_give_up: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a task may keep failing (database outages aside) before the relay exits 1.",
+    )
 
     kafka_acks: Literal["all", "0", "1", "-1"] = Field("all", description="Producer acks; keep all.")
     kafka_compression: str | None = Field(None, description="gzip, snappy, lz4, zstd or unset.")
@@ -121,6 +142,15 @@ class RelaySettings(DatabaseSettings):
 
     control_addr: str | None = Field(None, description="Serve the gRPC control plane here inside `run`.")
     metrics_addr: str | None = Field(None, description="Serve /metrics, /healthz, /readyz here.")
+
+    @model_validator(mode="after")
+    def _check_byte_budgets(self) -> RelaySettings:
+        if self.inflight_max_bytes < self.claim_max_bytes:
+            raise ValueError(
+                f"OUTBOX_INFLIGHT_MAX_BYTES ({self.inflight_max_bytes}) must be at least"
+                f" OUTBOX_CLAIM_MAX_BYTES ({self.claim_max_bytes}): every claim takes that much of it"
+            )
+        return self
 
     @field_validator("redis_shards", mode="before")
     @classmethod

@@ -2,7 +2,21 @@
 
 Every `lease_ttl / 3` seconds an instance refreshes its row in relay_instances (which yields the
 live instances), renews the leases it holds, gives back partitions above its fair share and takes
-free or expired ones up to it."""
+free or expired ones up to it.
+
+The rounds run as a supervised ticker (relay.supervision): a failed round (the database away, a
+statement cancelled or timed out on a lock) is retried with backoff and never ends the relay. The
+leader's maintenance is a second ticker, started on election and stopped on stepping down. A
+partition worker that ends without being asked to gives its lease back, to be taken again on the
+next round, so a partition never stays wedged behind a lease this instance keeps renewing.
+
+Health (relay.health): the heartbeat also records whether this instance's own sinks work. While a
+sink has been unavailable for longer than OUTBOX_SINK_HANDOVER_AFTER the instance is unhealthy, and
+as long as one live peer is healthy its fair share is 0: it retires its partitions (releasing the
+leases, so the healthy peers take them on their next round) and probes its down sinks every round
+until they answer; then it is healthy again and gets partitions back through the normal balance.
+When no live instance is healthy (everyone lost the broker: a real outage) the split is the usual
+one over all live instances, so no partition is ever left without an owner."""
 
 from __future__ import annotations
 
@@ -11,24 +25,35 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Collection, Sequence
 
+from relay.health import SinkHealth
 from relay.leases import LEADER, Lease, partition_lease
 from relay.maintenance import Maintenance
 from relay.retry import SinkBackoff
-from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+from relay.store import RelayStore, is_transient_db_error
+from relay.supervision import Supervisor, describe
 from relay.telemetry import RelayMetrics
 from relay.worker import PartitionWorker, WorkerContext
 
 log = logging.getLogger(__name__)
 
 
-def fair_share(partitions: int, live: list[str], me: str) -> int:
+def fair_share(partitions: int, live: Sequence[str], me: str, unhealthy: Collection[str] = ()) -> int:
     """Every instance computes the same split from the same sorted list: the first
-    `partitions % n` instances take one partition more than the others."""
-    if me not in live:
-        live = sorted([*live, me])
-    base, extra = divmod(partitions, len(live))
-    return base + (1 if live.index(me) < extra else 0)
+    `partitions % n` instances take one partition more than the others.
+
+    Only the healthy instances count while at least one live instance is healthy: an unhealthy one
+    (its own sink down, see relay.health) then gets 0, and its partitions go to the healthy ones.
+    When none is healthy (a shared outage) the split is over all live instances, as if all were
+    healthy, so that no partition is orphaned. `me` counts as live even when missing from `live`."""
+    everyone = sorted({*live, me})
+    healthy = [instance for instance in everyone if instance not in unhealthy]
+    counted = healthy or everyone
+    if me not in counted:
+        return 0
+    base, extra = divmod(partitions, len(counted))
+    return base + (1 if counted.index(me) < extra else 0)
 
 
 class Coordinator:
@@ -40,10 +65,12 @@ class Coordinator:
         partitions: int,
         instance_id: str,
         ttl: float,
+        supervisor: Supervisor,
+        health: SinkHealth | None = None,
     ) -> None:
         self._store = store
+        self._health = health
         self._ctx = ctx
-        self._maintenance = maintenance
         self._partitions = partitions
         self._instance = instance_id
         self._ttl = ttl
@@ -51,11 +78,25 @@ class Coordinator:
         self._leases: dict[str, Lease] = {}
         self._workers: dict[int, tuple[PartitionWorker, asyncio.Task[None]]] = {}
         self._retiring: set[int] = set()
-        self._leader_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._tick = asyncio.Event()
+        self._closing = False
         self.live_instances = 1
         self._share = partitions
+        self.unhealthy_reason: str | None = None  # as reported in the last heartbeat
+        self.healthy_peers = 0  # live peers whose last heartbeat reported them healthy
+        self._probing: asyncio.Task[None] | None = None
+        self.last_failure: str | None = None  # why the last round failed; None once one succeeds
+        self._database_down = False  # the last round failed with a transient database error
+        self._rounds = supervisor.run_every(
+            "coordinator",
+            ttl / 3,
+            self.round,
+            backoff=SinkBackoff(0.2, ttl / 3),
+            what="coordination round",
+        )
+        self._maintenance = supervisor.run_every(
+            "maintenance", maintenance.interval, maintenance.run_once, what="maintenance round"
+        )
 
     # -- what others ask of us ------------------------------------------------------------------
 
@@ -81,9 +122,20 @@ class Coordinator:
         for worker, _ in self._workers.values():
             worker.wake()
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the last coordination round succeeded (for /readyz)."""
+        return self.last_failure is None
+
+    @property
+    def handed_over(self) -> bool:
+        """Unhealthy while a peer is healthy: this instance's share is 0, its partitions go (or went)
+        to the healthy peers."""
+        return self.unhealthy_reason is not None and self.healthy_peers > 0
+
     def poke(self) -> None:
         """Run the next coordination round now (e.g. a lease was released somewhere)."""
-        self._tick.set()
+        self._rounds.poke()
 
     def lease_lost(self, partition: int) -> None:
         lease = self._leases.pop(partition_lease(partition), None)
@@ -96,29 +148,70 @@ class Coordinator:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        backoff = SinkBackoff(0.2, self._ttl / 3)
-        while True:
-            try:
-                await self.run_once()
-                if backoff.failing:
-                    log.info("database reachable again")
-                backoff.succeeded()
-                delay = self._ttl / 3
-            except TRANSIENT_DB_ERRORS as exc:
-                delay = backoff.failed()
-                log.warning("coordination round failed (%s); retrying in %.1fs", type(exc).__name__, delay)
-            self._tick.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._tick.wait(), timeout=delay)
+    def start(self) -> None:
+        """Starts the coordination rounds (idempotent); `shutdown` stops them."""
+        self._rounds.start()
+
+    async def round(self) -> None:
+        """One supervised round: its failure is logged and retried by the ticker."""
+        try:
+            await self.run_once()
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.last_failure = describe(exc)
+                self._database_down = is_transient_db_error(exc)
+            raise
+        if self._database_down:
+            log.info("database reachable again")
+        self.last_failure, self._database_down = None, False
 
     async def run_once(self) -> None:
-        live = await self._store.heartbeat(self._instance, self.held_partitions, self._ttl)
+        reason = self._health.unhealthy_reason() if self._health is not None else None
+        live = await self._store.heartbeat(self._instance, self.held_partitions, self._ttl, reason)
+        live.setdefault(self._instance, reason)
+        unhealthy = {instance for instance, why in live.items() if why is not None}
         self.live_instances = len(live)
-        self._share = fair_share(self._partitions, live, self._instance)
+        self._share = fair_share(self._partitions, list(live), self._instance, unhealthy)
+        self._health_changed(reason, [i for i in live if i != self._instance and i not in unhealthy])
         await self._renew()
         await self._balance()
         await self._elect()
+        if self.unhealthy_reason is not None and not self._workers:
+            self._start_probe()  # nothing published here any more to learn that the sink is back
+
+    def _health_changed(self, reason: str | None, healthy_peers: list[str]) -> None:
+        """Logs the transitions: handing over, keeping the partitions in a shared outage, healthy again."""
+        was_reason, was_handed_over = self.unhealthy_reason, self.handed_over
+        self.unhealthy_reason, self.healthy_peers = reason, len(healthy_peers)
+        if self.handed_over and not was_handed_over:
+            active = len([p for p in self._workers if p not in self._retiring])
+            log.warning(
+                "%s while %s peers are healthy: handing over %s partitions",
+                reason,
+                len(healthy_peers),
+                active,
+                extra={"peers": healthy_peers},
+            )
+        elif reason is not None and not self.handed_over and (was_reason is None or was_handed_over):
+            log.warning("%s, but no live peer is healthy (a shared outage): keeping the partitions", reason)
+        elif reason is None and was_reason is not None:
+            log.info("sinks available again: healthy, taking partitions again (was: %s)", was_reason)
+
+    def _start_probe(self) -> None:
+        """Probes the down sinks in the background (a probe may take long; rounds must not wait
+        for it), at most one at a time; a sink that answers makes the next round come at once."""
+        if self._health is None or (self._probing is not None and not self._probing.done()):
+            return
+        self._probing = asyncio.create_task(self._probe(self._health), name="sink-probe")
+
+    async def _probe(self, health: SinkHealth) -> None:
+        try:
+            recovered = await asyncio.wait_for(health.probe(), timeout=max(self._ttl, 1.0))
+        except Exception as exc:  # a failed or slow probe means: still down; the next round asks again
+            log.debug("sink probe failed: %s", describe(exc))
+            return
+        if recovered:
+            self.poke()
 
     async def _renew(self) -> None:
         if not self._leases:
@@ -132,7 +225,7 @@ class Coordinator:
             if lease.name in kept:
                 lease.renewed(asked_at, self._ttl)
             elif lease.name == LEADER:
-                self._step_down()
+                await self._step_down()
             else:
                 self.lease_lost(int(lease.name.split(":", 1)[1]))
 
@@ -164,10 +257,29 @@ class Coordinator:
         lease = Lease.granted(name, self._instance, token, asked_at, self._ttl)
         self._leases[name] = lease
         worker = PartitionWorker(partition, lease, self._ctx)
-        self._workers[partition] = (worker, asyncio.create_task(worker.run(), name=f"partition-{partition}"))
+        task = asyncio.create_task(worker.run(), name=f"partition-{partition}")
+        self._workers[partition] = (worker, task)
+        task.add_done_callback(lambda done: self._worker_ended(partition, worker, done))
         self._metrics.lease("acquired")
         log.info("lease acquired", extra={"lease": name, "fence": token})
         return True
+
+    def _worker_ended(self, partition: int, worker: PartitionWorker, task: asyncio.Task[None]) -> None:
+        """A worker ends when retired, when its lease is lost or on shutdown. Ending any other way
+        (a bug) must not leave its partition idle behind a lease we keep renewing: give the lease
+        back, so the next round (here or on another instance) starts a fresh worker."""
+        entry = self._workers.get(partition)
+        if self._closing or entry is None or entry[0] is not worker or partition in self._retiring:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error(
+            "partition %s: worker ended unexpectedly (%s); giving its lease back",
+            partition,
+            describe(exc) if exc is not None else "cancelled" if task.cancelled() else "returned",
+            exc_info=exc,
+        )
+        self._metrics.task_restarted("partition")
+        self._retire(partition)
 
     def _retire(self, partition: int) -> None:
         """Give a partition back: let its batch finish, then release the lease for another instance."""
@@ -185,8 +297,11 @@ class Coordinator:
         self._workers.pop(partition, None)
         lease = self._leases.pop(partition_lease(partition), None)
         if lease is not None:
-            with contextlib.suppress(*TRANSIENT_DB_ERRORS):
+            try:
                 await self._store.release_leases([lease.name], [lease.token], self._instance)
+            except Exception as exc:  # the lease expires after the TTL anyway
+                log.warning("could not release %s (%s); it expires after the TTL", lease.name, describe(exc))
+                return
             log.info("lease released", extra={"lease": lease.name, "fence": lease.token})
 
     async def _elect(self) -> None:
@@ -198,22 +313,24 @@ class Coordinator:
             return
         self._leases[LEADER] = Lease.granted(LEADER, self._instance, token, asked_at, self._ttl)
         log.info("became leader", extra={"lease": LEADER, "fence": token})
-        self._leader_task = asyncio.create_task(self._maintenance.run(), name="maintenance")
+        self._maintenance.start()
 
-    def _step_down(self) -> None:
+    async def _step_down(self) -> None:
         self._leases.pop(LEADER, None)
-        if self._leader_task is not None:
-            self._leader_task.cancel()
-            self._leader_task = None
         log.warning("leader lease lost", extra={"lease": LEADER})
+        await self._maintenance.stop()
 
     # -- shutdown ---------------------------------------------------------------------------
 
     async def shutdown(self, grace: float) -> None:
         """Stop claiming, let in-flight batches settle (up to `grace`), then release every lease
-        so other instances take over at once instead of after the TTL."""
-        if self._leader_task is not None:
-            self._leader_task.cancel()
+        so other instances take over at once instead of after the TTL. Idempotent."""
+        self._closing = True
+        await self._rounds.stop()
+        await self._maintenance.stop()
+        if self._probing is not None:
+            self._probing.cancel()
+            await asyncio.gather(self._probing, return_exceptions=True)
         for worker, _ in self._workers.values():
             worker.stop()
         tasks = [task for _, task in self._workers.values()] + list(self._background)
@@ -230,7 +347,7 @@ class Coordinator:
                 [x.name for x in leases], [x.token for x in leases], self._instance
             )
             await self._store.mark_stopped(self._instance)
-        except TRANSIENT_DB_ERRORS as exc:
-            log.warning("could not release leases on shutdown (%s); they expire after the TTL", exc)
+        except Exception as exc:  # whatever the cause, the leases expire after the TTL anyway
+            log.warning("could not release leases on shutdown (%s); they expire after the TTL", describe(exc))
         if leases:
             log.info("released %s leases", len(leases))

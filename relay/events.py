@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
@@ -58,8 +58,11 @@ def _decode_headers_cached(raw: str) -> tuple[tuple[str, str], ...]:
 
 
 class Outcome(StrEnum):
+    """What happened to one event; relay/faults.py says which error leads to which."""
+
     PUBLISHED = "published"
-    UNAVAILABLE = "unavailable"  # the sink could not be reached: no attempt is counted
+    UNAVAILABLE = "unavailable"  # the sink (or this topic on it) cannot take events now: no attempt
+    DEFERRED = "deferred"  # not sent, so that an earlier event of its key that failed stays ahead
     RETRY = "retry"  # this event failed; retrying may help
     REJECT = "reject"  # this event can never be published as it is: archive it now
 
@@ -69,7 +72,7 @@ class PublishResult:
     outcome: Outcome
     reason: str = ""  # short, stable, low-cardinality: a metric label and the dead-letter reason
     error: str = ""  # the detail, for last_error
-    extra: dict[str, str] = field(default_factory=dict)
+    topic_scoped: bool = False  # UNAVAILABLE for this topic only: the sink's other topics flow on
 
     @property
     def ok(self) -> bool:
@@ -77,3 +80,4 @@ class PublishResult:
 
 
 PUBLISHED = PublishResult(Outcome.PUBLISHED)
+DEFERRED = PublishResult(Outcome.DEFERRED, "deferred", "an earlier event of the same key was not published")

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 
 from relay.config import RelaySettings, SettleMode
-from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+from relay.store import RelayStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,12 @@ class Maintenance:
         self._rounds = 0
         self._topics_seen: set[str] = set()
 
+    @property
+    def interval(self) -> float:
+        """Seconds between rounds: the coordinator runs `run_once` as a supervised ticker while
+        this instance is the leader (relay.supervision logs, counts and retries failures)."""
+        return self._interval
+
     async def run_once(self) -> None:
         if self._settings.settle_mode is SettleMode.RETAIN:
             await self._cleanup_published()
@@ -57,13 +63,3 @@ class Maintenance:
             if await self._store.cleanup_published(self._settings.retention, batch) < batch:
                 return
             await asyncio.sleep(0.05)
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except TRANSIENT_DB_ERRORS as exc:
-                log.warning("maintenance round failed: %s", type(exc).__name__)
-            except Exception:
-                log.exception("maintenance round failed")
-            await asyncio.sleep(self._interval)

@@ -12,16 +12,28 @@ import asyncpg
 from relay.retry import SinkBackoff
 from relay.sql import notify_channel
 from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+from relay.supervision import describe
 
 log = logging.getLogger(__name__)
 
 
 class InsertListener:
     """Keeps one dedicated session LISTENing; calls `wake(partition)` per notification and
-    `wake_all()` after each (re)connect, since notifications sent while away are gone."""
+    `wake_all()` after each (re)connect, since notifications sent while away are gone.
 
-    def __init__(self, store: RelayStore, wake: Callable[[int], None], wake_all: Callable[[], None]):
+    Transient database errors (a lost connection, a cancelled probe) reconnect here with backoff,
+    each reported to `on_db_error` (a metric); anything else propagates to the supervisor that
+    runs `run` (relay.supervision), which logs it with its traceback and restarts it."""
+
+    def __init__(
+        self,
+        store: RelayStore,
+        wake: Callable[[int], None],
+        wake_all: Callable[[], None],
+        on_db_error: Callable[[BaseException], None] | None = None,
+    ):
         self._store = store
+        self._on_db_error = on_db_error
         self._wake = wake
         self._wake_all = wake_all
         self._channel = notify_channel(store.schema)
@@ -53,8 +65,10 @@ class InsertListener:
                 self._wake_all()
                 await self._watch(conn)
             except TRANSIENT_DB_ERRORS as exc:
+                if self._on_db_error is not None:
+                    self._on_db_error(exc)
                 delay = backoff.failed()
-                log.warning("listen connection lost (%s); reconnecting in %.1fs", type(exc).__name__, delay)
+                log.warning("listen connection lost (%s); reconnecting in %.1fs", describe(exc), delay)
                 await asyncio.sleep(delay)
             finally:
                 self.connected = False

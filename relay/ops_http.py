@@ -8,12 +8,35 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
-ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """The /readyz answer: one boolean per check, and why the failing ones fail."""
+
+    checks: dict[str, bool]
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return all(self.checks.values())
+
+    def body(self) -> dict[str, object]:
+        """The checks, plus a "reasons" object (failing check -> why) only when not ready."""
+        body: dict[str, object] = dict(self.checks)
+        if not self.ready:
+            body["reasons"] = {
+                name: self.reasons.get(name, "failed") for name, ok in self.checks.items() if not ok
+            }
+        return body
+
+
+ReadinessCheck = Callable[[], Awaitable[Readiness]]
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -72,7 +95,7 @@ class OpsServer:
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
-            checks = await self._readiness()
-            status = "200 OK" if all(checks.values()) else "503 Service Unavailable"
-            return status, "application/json", json.dumps(checks).encode() + b"\n"
+            readiness = await self._readiness()
+            status = "200 OK" if readiness.ready else "503 Service Unavailable"
+            return status, "application/json", json.dumps(readiness.body()).encode() + b"\n"
         return "404 Not Found", "text/plain", b"try /metrics, /healthz or /readyz\n"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import logging
 from collections.abc import Callable
 
-from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+from relay.store import RelayStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,12 @@ class PauseState:
         self.like_patterns: tuple[str, ...] = ()
 
     @property
+    def interval(self) -> float:
+        """Seconds between refreshes. The service runs `refresh` as a supervised ticker: while it
+        fails, the last known pauses are obeyed (relay.supervision logs, counts and retries)."""
+        return self._interval
+
+    @property
     def patterns(self) -> tuple[str, ...]:
         return self._patterns
 
@@ -58,14 +63,3 @@ class PauseState:
             log.info("pauses changed", extra={"paused": sorted(added), "resumed": sorted(removed)})
             if self._on_change is not None:
                 self._on_change()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except TRANSIENT_DB_ERRORS as exc:
-                log.warning("could not read pauses: %s", type(exc).__name__)
-            except Exception:
-                # Keep obeying the last known pauses rather than stopping the relay over a bug.
-                log.exception("could not read pauses")
-            await asyncio.sleep(self._interval)

@@ -1,7 +1,10 @@
 """The relay process: explicit start/stop around the coordinator, workers, listener and sinks.
 
-Side tasks are watched: if one dies unexpectedly the relay stops instead of limping on, and every
-kind of shutdown (SIGTERM, Ctrl-C, a crashed side task) takes the same path."""
+Every loop runs under one Supervisor (relay.supervision): failures are logged, counted and retried
+with backoff, database outages for as long as they last. Only a task that keeps failing for longer
+than OUTBOX_SUPERVISOR_GIVE_UP stops the relay, with `failure` set, and every kind of shutdown
+(SIGTERM, Ctrl-C, a give-up) takes the same path. `run_until_signalled` raises RelayFailedError
+unless a signal asked for the stop, so the process never exits 0 by accident."""
 
 from __future__ import annotations
 
@@ -10,25 +13,28 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from relay.availability import Availability
+from relay.budget import ByteBudget
 from relay.config import RelaySettings, SinkKind
 from relay.coordinator import Coordinator
+from relay.health import SinkHealth
 from relay.leases import LEADER
 from relay.maintenance import Maintenance
 from relay.migrate import head_revision, schema_state
 from relay.notifications import InsertListener
-from relay.ops_http import OpsServer
+from relay.ops_http import OpsServer, Readiness
 from relay.pauses import PauseState
 from relay.retry import Backoff, RetryPolicy, SinkBackoff
 from relay.sinks.base import Sink
 from relay.sinks.kafka import KafkaSink
 from relay.sinks.redis import RedisSink
 from relay.sinks.router import Router, parse_routes
-from relay.store import TRANSIENT_DB_ERRORS, RelayStore
+from relay.store import RelayStore, is_transient_db_error
+from relay.supervision import Supervisor, describe
 from relay.telemetry import METER_NAME, RelayMetrics, configure_tracing, prometheus_meter_provider
 from relay.worker import WorkerContext
 
@@ -44,6 +50,10 @@ class SchemaBehindError(RuntimeError):
 
 class DatabaseUnreachableError(RuntimeError):
     pass
+
+
+class RelayFailedError(RuntimeError):
+    """The relay stopped because a task gave up, not because it was asked to."""
 
 
 def build_sinks(settings: RelaySettings) -> dict[SinkKind, Sink]:
@@ -63,7 +73,13 @@ class RelayService:
             pool_size=settings.pool_size,
             statement_cache_size=settings.statement_cache_size,
         )
-        self.router = Router(parse_routes(settings.routes), settings.default_sink, build_sinks(settings))
+        self.router = Router(
+            parse_routes(settings.routes),
+            settings.default_sink,
+            build_sinks(settings),
+            Availability(0.1, settings.sink_backoff_max),
+        )
+        self.sink_health = SinkHealth(self.router, settings.sink_handover_after)
         self.registry = CollectorRegistry()
         self._meter_provider = prometheus_meter_provider(self.registry) if settings.metrics_addr else None
         meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
@@ -73,11 +89,13 @@ class RelayService:
         self.maintenance = Maintenance(self.store, settings)
         self.coordinator: Coordinator | None = None
         self.pauses = PauseState(self.store, on_change=self._wake_all)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor(
+            give_up_after=settings.supervisor_give_up, on_give_up=self._gave_up, metrics=self.metrics
+        )
         self._stopped = asyncio.Event()
         self._stopping = False
         self.started = False
-        self.failure: str | None = None  # why a side task stopped the relay, if one did
+        self.failure: str | None = None  # why the relay stopped by itself, if it did
 
     def _wake_all(self) -> None:
         if self.coordinator is not None:
@@ -89,11 +107,9 @@ class RelayService:
         if self.settings.metrics_addr:
             self.ops = OpsServer(self.settings.metrics_addr, self.registry, self.readiness)
             await self.ops.start()
-        await self._open_database()
-        partitions = await self.store.partition_count()
+        partitions = await self._open_database()
         for sink in self.router.sinks.values():
             await sink.start()
-        await self.pauses.refresh()
         ctx = WorkerContext(
             settings=self.settings,
             store=self.store,
@@ -106,20 +122,31 @@ class RelayService:
                 ),
             ),
             metrics=self.metrics,
-            sink_backoff=SinkBackoff(0.1, self.settings.sink_backoff_max),
             lease_lost=lambda p: self.coordinator.lease_lost(p) if self.coordinator else None,
+            budget=ByteBudget(self.settings.inflight_max_bytes),
         )
         self.coordinator = Coordinator(
-            self.store, ctx, self.maintenance, partitions, self.settings.instance_id, self.settings.lease_ttl
+            self.store,
+            ctx,
+            self.maintenance,
+            partitions,
+            self.settings.instance_id,
+            self.settings.lease_ttl,
+            self.supervisor,
+            health=self.sink_health,
         )
         self._register_gauges()
         if self.settings.control_addr:
             await self._start_control_plane()
-        self._spawn(self.coordinator.run(), "coordinator")
-        self._spawn(self.pauses.run(), "pauses")
+        self.coordinator.start()
+        self.supervisor.run_every(
+            "pauses", self.pauses.interval, self.pauses.refresh, what="reading pauses"
+        ).start()
         if self.settings.listen:
-            listener = InsertListener(self.store, self.coordinator.wake, self.coordinator.wake_all)
-            self._spawn(listener.run(), "listener")
+            listener = InsertListener(
+                self.store, self.coordinator.wake, self.coordinator.wake_all, self.metrics.database_error
+            )
+            self.supervisor.supervise("listener", listener.run, backoff=SinkBackoff(0.2, 10.0)).start()
         self.started = True
         log.info(
             "relay started",
@@ -196,19 +223,48 @@ class RelayService:
             "Live relay instances seen by this one",
             lambda: [(float(self.coordinator.live_instances if self.coordinator else 0), instance)],
         )
+        m.gauge(
+            "outbox_instance_healthy",
+            "1",
+            "0 while a sink of this instance has been unavailable for longer than OUTBOX_SINK_HANDOVER_AFTER",
+            lambda: [
+                (0.0 if self.coordinator is not None and self.coordinator.unhealthy_reason else 1.0, instance)
+            ],
+        )
 
-    async def readiness(self) -> dict[str, bool]:
-        """Ready when the database answers, the schema is at head and every sink is connected."""
+    async def readiness(self) -> Readiness:
+        """Ready when the database answers, the schema is at head, coordination rounds succeed and
+        every sink is connected and not in an outage; the failing checks say why."""
         checks = {"database": False, "schema": False}
+        reasons: dict[str, str] = {}
         try:
             revision = await asyncio.wait_for(self.store.schema_revision(), timeout=2.0)
-            checks["database"] = True
+        except Exception as exc:  # any failure means not ready
+            reasons["database"] = reasons["schema"] = f"not answering ({describe(exc)})"
+        else:
+            # Answering this probe is not enough: while coordination rounds fail (statements
+            # cancelled, lock timeouts, a read-only standby) the relay cannot work either.
+            coordinator = self.coordinator
+            checks["database"] = coordinator is None or coordinator.healthy
+            if coordinator is not None and coordinator.last_failure is not None:
+                reasons["database"] = f"coordination rounds failing ({coordinator.last_failure})"
             checks["schema"] = schema_state(revision) != "behind"
-        except Exception:  # any failure means not ready; the reason is in the logs
-            pass
+            reasons["schema"] = f"at revision {revision or 'none'}, this relay needs {head_revision()}"
+        outages = self.sink_health.outages()
+        # The sinks that made this instance hand its partitions over to healthy peers.
+        cause = (
+            self.sink_health.unhealthy_sinks() if self.coordinator and self.coordinator.handed_over else {}
+        )
         for kind, sink in self.router.sinks.items():
-            checks[f"sink_{kind.value}"] = self.started and sink.is_connected()
-        return checks
+            name, outage = f"sink_{kind.value}", outages.get(kind.value)
+            checks[name] = self.started and sink.is_connected() and outage is None
+            if outage is not None:
+                reasons[name] = outage + ("; partitions handed over" if kind.value in cause else "")
+            elif not self.started:
+                reasons[name] = "relay starting"
+            else:
+                reasons[name] = "not connected"
+        return Readiness(checks, reasons)
 
     async def _check_schema(self) -> None:
         current = await self.store.schema_revision()
@@ -227,9 +283,11 @@ class RelayService:
                 head_revision(),
             )
 
-    async def _open_database(self) -> None:
+    async def _open_database(self) -> int:
         """Waits for the database instead of exiting: a relay started before its database (or
-        during an outage) should come up when it does, not crash-loop."""
+        during an outage, or while its statements are cancelled) should come up when it does, not
+        crash-loop. Reads what starting needs: the partition count and the pauses to obey.
+        Returns the partition count."""
         backoff = SinkBackoff(0.5, 10.0)
         limit = self.settings.startup_timeout
         deadline = time.monotonic() + limit if limit else float("inf")
@@ -237,27 +295,28 @@ class RelayService:
             try:
                 await self.store.open()
                 await self._check_schema()
-                return
-            except TRANSIENT_DB_ERRORS as exc:
+                partitions = await self.store.partition_count()
+                await self.pauses.refresh()
+                return partitions
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                self.metrics.database_error(exc)
                 await self.store.close()
                 if time.monotonic() >= deadline:
                     raise DatabaseUnreachableError(
-                        f"database not reachable within OUTBOX_STARTUP_TIMEOUT={limit:g}s: {type(exc).__name__}: {exc}"
+                        f"database not reachable within OUTBOX_STARTUP_TIMEOUT={limit:g}s: {describe(exc)}"
                     ) from None
                 delay = backoff.failed()
-                log.warning("database not reachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                log.warning("database not reachable (%s); retrying in %.1fs", describe(exc), delay)
                 await asyncio.sleep(delay)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._side_task_done)
-        self._tasks.append(task)
-
-    def _side_task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stopping:
-            return
-        log.error("%s stopped unexpectedly: %r; shutting down", task.get_name(), task.exception())
-        self.failure = f"{task.get_name()} stopped unexpectedly: {task.exception()!r}"
+    def _gave_up(self, task: str, exc: BaseException) -> None:
+        self.failure = (
+            f"{task} kept failing for more than OUTBOX_SUPERVISOR_GIVE_UP="
+            f"{self.settings.supervisor_give_up:g}s, last with {describe(exc)}"
+        )
+        log.error("relay stopping: %s", self.failure)
         self.request_stop()
 
     def request_stop(self) -> None:
@@ -273,13 +332,8 @@ class RelayService:
         self._stopping = True
         self._stopped.set()
         if self.coordinator is not None:
-            coordinator_task = self._tasks[0] if self._tasks else None
-            if coordinator_task is not None:
-                coordinator_task.cancel()
-            await self.coordinator.shutdown(self.settings.shutdown_grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.coordinator.shutdown(self.settings.shutdown_grace)  # stops its own rounds first
+        await self.supervisor.stop()
         if self.control is not None:
             await self.control.stop()
         for sink in self.router.sinks.values():
@@ -295,7 +349,8 @@ class RelayService:
 
 async def run_until_signalled(service: RelayService) -> None:
     """Runs until SIGTERM/SIGINT; a signal during start (e.g. while waiting for the database)
-    stops it too."""
+    stops it too. Returns only after a signal: a relay that stopped by itself (a task gave up)
+    raises RelayFailedError once stopped, so the process exits non-zero and is restarted."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
@@ -313,3 +368,5 @@ async def run_until_signalled(service: RelayService) -> None:
     finally:
         stopping.cancel()
         await service.stop()
+    if service.failure is not None:
+        raise RelayFailedError(service.failure)

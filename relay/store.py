@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -14,24 +13,13 @@ import asyncpg
 from relay import __version__
 from relay.dburl import plain_postgres_url, redact
 from relay.events import OutboxRow
+from relay.faults import TRANSIENT_DB_ERRORS, is_transient_db_error
 from relay.sql import queries
 
 log = logging.getLogger(__name__)
 
-# Lost connections, restarts and failovers: worth retrying, never worth crashing over.
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    # Seen on a pool connection caught mid-operation by a server restart.
-    asyncpg.InternalClientError,
-)
+# The fault model (relay.faults) decides what is transient; re-exported for the relay path.
+__all__ = ["TRANSIENT_DB_ERRORS", "DeadLettered", "Fence", "RelayStore", "is_transient_db_error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +94,25 @@ class RelayStore:
     # -- the relay path: claim, settle, fail ------------------------------------------------
 
     async def claim_batch(
-        self, partition: int, limit: int, paused_like: Sequence[str], fence: Fence
+        self,
+        partition: int,
+        limit: int,
+        paused_like: Sequence[str],
+        fence: Fence,
+        *,
+        max_bytes: int,
+        skip_topics: Sequence[str] = (),
     ) -> list[OutboxRow]:
+        """At most `limit` rows, in id order, whose payload, key and header bytes add up to at most
+        `max_bytes` (always at least one row when any is claimable); none of `skip_topics`."""
         records = await self.pool.fetch(
-            self._q["claim_batch"], partition, limit, list(paused_like), *fence.args
+            self._q["claim_batch"],
+            partition,
+            limit,
+            list(paused_like),
+            *fence.args,
+            max_bytes,
+            list(skip_topics),
         )
         return [OutboxRow.from_record(r) for r in records]
 
@@ -169,9 +172,17 @@ class RelayStore:
 
     # -- instances, pauses, settings ---------------------------------------------------------
 
-    async def heartbeat(self, instance_id: str, partitions: Sequence[int], liveness: float) -> list[str]:
-        """Refreshes this instance; returns the ids of the live instances, this one included, sorted."""
-        live = await self.pool.fetchval(
+    async def heartbeat(
+        self,
+        instance_id: str,
+        partitions: Sequence[int],
+        liveness: float,
+        unhealthy_reason: str | None = None,
+    ) -> dict[str, str | None]:
+        """Refreshes this instance and its health (`unhealthy_reason`, None when healthy), in one
+        round trip; returns the live instances, this one included, sorted by id, each with why it is
+        unhealthy (None: healthy)."""
+        records = await self.pool.fetch(
             self._q["instance_heartbeat"],
             instance_id,
             socket.gethostname(),
@@ -179,8 +190,9 @@ class RelayStore:
             __version__,
             sorted(partitions),
             liveness,
+            None if unhealthy_reason is None else unhealthy_reason[:500],
         )
-        return list(live)
+        return {r["instance_id"]: r["unhealthy_reason"] for r in records}
 
     async def mark_stopped(self, instance_id: str) -> None:
         await self.pool.execute(self._q["instance_stopped"], instance_id)

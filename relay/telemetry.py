@@ -13,6 +13,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from relay.events import OutboxRow
+from relay.faults import db_error_kind
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -99,6 +100,16 @@ class RelayMetrics:
             unit="{lease}",
             description="Lease acquisitions, losses and failed acquisitions",
         )
+        self.task_restarts = meter.create_counter(
+            "outbox_task_restarts",
+            unit="{restart}",
+            description="Restarts of a relay task after an unexpected error (see the log's traceback)",
+        )
+        self.database_errors = meter.create_counter(
+            "outbox_database_errors",
+            unit="{error}",
+            description="Transient database errors met and retried, by kind",
+        )
         self.latency = meter.create_histogram(
             "outbox_commit_to_ack_latency",
             unit="s",
@@ -151,3 +162,10 @@ class RelayMetrics:
 
     def lease(self, change: str, count: int = 1) -> None:
         self.lease_events.add(count, {"change": change, **self._instance})
+
+    def task_restarted(self, task: str) -> None:
+        self.task_restarts.add(1, {"task": task, **self._instance})
+
+    def database_error(self, exc: BaseException) -> None:
+        """Counts a transient database error under its kind (relay.faults.db_error_kind)."""
+        self.database_errors.add(1, {"kind": db_error_kind(exc), **self._instance})

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from relay.budget import ByteBudget, row_bytes
 from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome, PublishResult
 from relay.leases import Lease
@@ -68,37 +69,46 @@ class Settlement:
     published: list[OutboxRow] = field(default_factory=list)
     retry: list[tuple[OutboxRow, float, str]] = field(default_factory=list)
     dead: list[tuple[OutboxRow, str, str]] = field(default_factory=list)
-    unavailable: int = 0
+    unavailable: int = 0  # rows left as they were: their sink or topic could not take them
+    deferred: int = 0  # rows left as they were: not sent, behind an earlier event of their key
+    out_of_order: list[OutboxRow] = field(default_factory=list)  # accepted behind a failed one
 
 
 def settle_plan(
     sent: Sequence[OutboxRow], results: Sequence[PublishResult], policy: RetryPolicy
 ) -> Settlement:
     """Per result: settle, schedule a retry, or archive. After a failure, the same key's later
-    events that also failed are left untouched (no attempt counted) so they stay behind it. One
-    that the broker did accept is settled: it is out, and publishing it again would not undo that.
-    (Rare: a key's events share a Kafka partition or Redis stream, which fail as one.)"""
+    events are left untouched (no attempt counted) so they stay behind it. The sinks never send an
+    event behind a failed one of its key (a later event is DEFERRED instead); should one be
+    accepted anyway it is settled, since publishing it again would not undo that, and reported."""
     out = Settlement()
-    failed_keys: set[tuple[str, str]] = set()
+    waiting: set[tuple[str, str]] = set()  # keys with an event left in the outbox by this batch
     for row, result in zip(sent, results, strict=True):
         key = row.ordering_key
         if result.ok:
             out.published.append(row)
-            continue
-        if key is not None and key in failed_keys:
-            continue
-        if key is not None:
-            failed_keys.add(key)
-        if result.outcome is Outcome.UNAVAILABLE:
-            out.unavailable += 1
-        elif result.outcome is Outcome.REJECT:
+            if key is not None and key in waiting:
+                out.out_of_order.append(row)
+        elif result.outcome is Outcome.REJECT:  # the event's own verdict: no later event waits on it
             out.dead.append((row, result.reason, result.error))
+        elif result.outcome is Outcome.DEFERRED:
+            out.deferred += 1
+            if key is not None:
+                waiting.add(key)
+        elif key is not None and key in waiting:
+            continue  # behind an earlier failure of its key: no attempt counted
+        elif result.outcome is Outcome.UNAVAILABLE:
+            out.unavailable += 1
+            if key is not None:
+                waiting.add(key)
         elif policy.exhausted(row.attempts):
             out.dead.append((row, "max_attempts", f"{result.reason}: {result.error}"))
         else:
             out.retry.append(
                 (row, policy.backoff.delay(row.attempts + 1), f"{result.reason}: {result.error}")
             )
+            if key is not None:
+                waiting.add(key)
     return out
 
 
@@ -110,8 +120,8 @@ class WorkerContext:
     pauses: PauseState
     policy: RetryPolicy
     metrics: RelayMetrics
-    sink_backoff: SinkBackoff
     lease_lost: Callable[[int], None]
+    budget: ByteBudget  # OUTBOX_INFLIGHT_MAX_BYTES, shared by every partition worker of the process
 
 
 class PartitionWorker:
@@ -128,6 +138,8 @@ class PartitionWorker:
         # claimed (and sent) again until it resolves. Otherwise every wait during an outage would
         # queue one more copy of the batch for delivery once the broker is back.
         self._inflight: tuple[BatchPlan, asyncio.Task[list[PublishResult]]] | None = None
+        # Bytes of ctx.budget this worker holds for its current batch (kept while it is in flight).
+        self._held_bytes = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -138,6 +150,14 @@ class PartitionWorker:
         self._wake.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            # Stopped, cancelled or given up on a publish never acknowledged: the worker's share of
+            # the in-flight budget goes back (exactly once: _release_held zeroes what it returns).
+            self._release_held()
+
+    async def _run(self) -> None:
         ctx = self._ctx
         while not self._stopping:
             self._wake.clear()
@@ -147,6 +167,7 @@ class PartitionWorker:
                     full = await self.process_batch()
                 self._db_backoff.succeeded()
             except TRANSIENT_DB_ERRORS as exc:
+                ctx.metrics.database_error(exc)
                 delay = self._db_backoff.failed()
                 log.warning(
                     "partition %s: database error %s; retrying in %.1fs",
@@ -159,6 +180,7 @@ class PartitionWorker:
             except Exception:
                 # A bug must not silently end the partition while its lease is still renewed.
                 delay = self._crash_backoff.failed()
+                ctx.metrics.task_restarted("partition")
                 log.exception("partition %s: unexpected error; retrying in %.1fs", self.partition, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -184,6 +206,9 @@ class PartitionWorker:
         if self._next_retry_at is not None:
             timeout = max(0.0, min(timeout, self._next_retry_at - time.monotonic()))
             self._next_retry_at = None
+        probe = self._ctx.router.availability.next_probe_in()
+        if probe is not None:  # a sink or topic outage's backoff ends: its rows may be claimed again
+            timeout = min(timeout, probe + 0.01)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
@@ -195,43 +220,101 @@ class PartitionWorker:
             if results is None:
                 return False
             self._inflight = None
-            return await self._after_publish(plan, results, claimed=len(plan.send))
+            try:
+                return await self._after_publish(plan, results, claimed=len(plan.send))
+            finally:
+                self._release_held()
         ctx, settings = self._ctx, self._ctx.settings
-        fence = self.lease.fence
-        claim_started = time.monotonic()
-        rows = await ctx.store.claim_batch(
-            self.partition, settings.batch_size, ctx.pauses.like_patterns, fence
-        )
-        if not rows:
+        max_bytes = settings.claim_max_bytes
+        if not await self._reserve(max_bytes):
             return False
-        ctx.metrics.claimed(len(rows), time.monotonic() - claim_started)
-        plan = plan_batch(rows, settings.max_payload_bytes)
-        results = await self._publish(plan)
-        if results is None:
-            return False
-        return await self._after_publish(plan, results, claimed=len(rows))
+        try:
+            fence = self.lease.fence
+            claim_started = time.monotonic()
+            rows = await ctx.store.claim_batch(
+                self.partition,
+                settings.batch_size,
+                ctx.pauses.like_patterns,
+                fence,
+                max_bytes=max_bytes,
+                skip_topics=ctx.router.availability.skip_topics(),
+            )
+            sizes = [row_bytes(row) for row in rows]
+            self._keep_held(sum(sizes))
+            if not rows:
+                return False
+            ctx.metrics.claimed(len(rows), time.monotonic() - claim_started)
+            # A claim the byte budget cut short is as full as one of batch_size rows: more may wait.
+            # (The next row is unknown; one as large as the largest here would not have fitted.)
+            full = len(rows) >= settings.batch_size or sum(sizes) + max(sizes) > max_bytes
+            plan = plan_batch(rows, settings.max_payload_bytes)
+            results = await self._publish(plan)
+            if results is None:
+                return False
+            return await self._after_publish(
+                plan, results, claimed=settings.batch_size if full else len(rows)
+            )
+        finally:
+            if self._inflight is None:  # settled or dropped; a batch still in flight keeps its bytes
+                self._release_held()
+
+    async def _reserve(self, n: int) -> bool:
+        """Takes n bytes of the shared budget for a claim, waiting in line while it is used up.
+        False when the worker is stopped or loses its lease while it waits (nothing is held then)."""
+        budget = self._ctx.budget
+        assert self._held_bytes == 0, "a worker claims only when it holds no batch"
+        if budget.try_acquire(n):
+            self._held_bytes = n
+            return True
+        acquiring = asyncio.ensure_future(budget.acquire(n))
+        try:
+            while not acquiring.done():
+                if self._stopping or self.lease.remaining() <= 0:
+                    return False
+                await asyncio.wait({acquiring}, timeout=0.25)
+            acquiring.result()
+            self._held_bytes = n
+            return True
+        finally:
+            if not acquiring.done():
+                acquiring.cancel()  # leaves the line, or gives back a grant it had not reported yet
+            elif self._held_bytes == 0 and not acquiring.cancelled() and acquiring.exception() is None:
+                budget.release(n)  # granted just as this wait was cancelled
+
+    def _keep_held(self, used: int) -> None:
+        """Gives back the part of the reservation the claimed rows do not use. (A single event larger
+        than the claim budget keeps only the claim budget: asking for more could wait forever.)"""
+        keep = min(used, self._held_bytes)
+        if keep < self._held_bytes:
+            self._ctx.budget.release(self._held_bytes - keep)
+            self._held_bytes = keep
+
+    def _release_held(self) -> None:
+        held, self._held_bytes = self._held_bytes, 0
+        if held:
+            self._ctx.budget.release(held)
 
     async def _after_publish(self, plan: BatchPlan, results: list[PublishResult], claimed: int) -> bool:
+        """Settles; True when more may be waiting. An outage does not pause the worker: the
+        router's availability tracker makes the next claims skip the topics that cannot be sent."""
         ctx = self._ctx
-        failures = Counter(result.reason or result.outcome.value for result in results if not result.ok)
+        failures = Counter(
+            result.reason or result.outcome.value
+            for result in results
+            if not result.ok and result.outcome is not Outcome.DEFERRED
+        )
         for kind, count in failures.items():
             ctx.metrics.publish_failed(kind, count)
         outcome = settle_plan(plan.send, results, ctx.policy)
         outcome.dead.extend((row, r.reason, r.error) for row, r in plan.reject)
-        await self._settle(outcome)
-        if outcome.unavailable:
-            delay = ctx.sink_backoff.failed()
-            log.warning(
-                "partition %s: sink unavailable for %s events; backing off %.1fs",
+        if outcome.out_of_order:
+            log.error(
+                "partition %s: %s events were accepted behind a failed event of their key",
                 self.partition,
-                outcome.unavailable,
-                delay,
+                len(outcome.out_of_order),
             )
-            await asyncio.sleep(delay)
-            return False
-        if outcome.published:
-            ctx.sink_backoff.succeeded()
-        return claimed >= ctx.settings.batch_size
+        await self._settle(outcome)
+        return outcome.deferred > 0 or claimed >= ctx.settings.batch_size
 
     async def _publish(self, plan: BatchPlan) -> list[PublishResult] | None:
         """Results per sent row, or None when nothing can be settled yet (the lease's trust window
@@ -265,11 +348,25 @@ class PartitionWorker:
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout=timeout)
         except TimeoutError:
+            if task.done():  # it failed just as the wait ended: fall through to its outcome below
+                return await self._await_publish(task)
             self._ctx.metrics.publish_failed("publish_timeout", 1)
             log.warning(
                 "partition %s: no broker acknowledgement within %.1fs; still waiting", self.partition, timeout
             )
             return None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise
+            self._inflight = None
+            raise PublishCrashedError("the publish was cancelled under the worker") from None
+        except Exception as exc:
+            # A bug, or the sink torn down under it: nothing is known to be published and nothing
+            # is the events' fault. Forget the publish (so the partition cannot stay wedged on it)
+            # and let run() log it and back off; the rows stay in the outbox for the next claim.
+            self._inflight = None
+            raise PublishCrashedError(f"the publish failed unexpectedly: {exc!r}") from exc
 
     async def _settle(self, outcome: Settlement) -> None:
         ctx, fence = self._ctx, self.lease.fence
@@ -322,11 +419,9 @@ class PartitionWorker:
                 },
             )
             ctx.metrics.dead_lettered(row.topic, entry.reason)
-            if ctx.settings.dlq_publish:
-                await self._publish_dlq(row, entry.reason)
+        if ctx.settings.dlq_publish and archived:
+            ctx.router.copy_dead_letters([(by_id[entry.outbox_id], entry.reason) for entry in archived])
 
-    async def _publish_dlq(self, row: OutboxRow, reason: str) -> None:
-        try:
-            await self._ctx.router.sink_for(row.topic).publish_dead_letter(row, reason)
-        except Exception as exc:  # the archive row is the record; the DLQ copy is a courtesy
-            log.warning("could not copy dead letter %s to %s.dlq: %s", row.message_id, row.topic, exc)
+
+class PublishCrashedError(RuntimeError):
+    """A publish raised instead of answering per event."""

@@ -11,7 +11,8 @@ MESSAGE_ID_HEADER = "message-id"
 
 
 class SinkUnavailableError(Exception):
-    """The broker cannot be reached; nothing of the batch is known to be published."""
+    """The broker cannot take the batch (unreachable, or refusing writes for a reason that is its
+    own); nothing of the batch is known to be published."""
 
 
 class Sink(Protocol):
@@ -26,8 +27,12 @@ class Sink(Protocol):
         Raises SinkUnavailableError when the broker cannot be reached at all."""
         ...
 
-    async def publish_dead_letter(self, row: OutboxRow, reason: str) -> None:
-        """Best effort copy of a dead letter to '<topic>.dlq'."""
+    async def publish_dead_letters(self, letters: Sequence[tuple[OutboxRow, str]]) -> None:
+        """Copies dead letters to '<topic>.dlq' (best effort: the archive is the record)."""
         ...
 
     def is_connected(self) -> bool: ...
+
+    async def probe(self) -> bool:
+        """True when the broker answers now (a cheap round trip, no event sent)."""
+        ...

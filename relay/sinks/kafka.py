@@ -10,45 +10,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    InvalidTopicError,
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    NodeNotReadyError,
-    NotEnoughReplicasError,
-    NotLeaderForPartitionError,
-    RecordListTooLargeError,
-    RequestTimedOutError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
-)
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from relay.config import RelaySettings
-from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
+from relay.events import DEFERRED, PUBLISHED, OutboxRow, Outcome, PublishResult
+from relay.faults import Fault, classify_kafka_error, kafka_error_is_topic_scoped
 from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
-from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, SharedBatches
+from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
 
 log = logging.getLogger(__name__)
 
-_OUTAGE = (
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-    NotLeaderForPartitionError,
-    NotEnoughReplicasError,
-)
-_REJECTED = {
-    MessageSizeTooLargeError: "record_too_large",
-    RecordListTooLargeError: "record_too_large",
-    InvalidTopicError: "invalid_topic",
-    TopicAuthorizationFailedError: "topic_not_authorized",
-}
-_SIZE_REFUSALS = (MessageSizeTooLargeError, RecordListTooLargeError)
+Layout = tuple[list[int], list[int]]  # all partitions of a topic (sorted), those with a leader
 
 
 def kafka_headers(row: OutboxRow) -> list[tuple[str, bytes]]:
@@ -70,6 +44,7 @@ class KafkaSink:
         self._unknown_since: dict[str, float] = {}
         self._reachable = False
         self._connecting: asyncio.Task[None] | None = None
+        self.connect_error: str | None = None  # why the last connection attempt failed
 
     def _producer_options(self) -> dict[str, Any]:
         s = self._settings
@@ -104,20 +79,28 @@ class KafkaSink:
             self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
 
     async def _connect(self) -> None:
+        """Retries until connected. A failure that is not the network (authentication, TLS, a
+        wrong setting) is logged as an error each time, so it does not hide as "not connected"."""
         delay = 0.2
         while True:
             producer = AIOKafkaProducer(**self._producer_options())
             try:
                 await producer.start()
-            except KafkaConnectionError as exc:
-                await producer.stop()
-                log.warning("kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                self.connect_error = _detail(exc)
+                if isinstance(exc, (KafkaConnectionError, OSError)):
+                    log.warning("kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
+                else:
+                    log.error("cannot connect to kafka: %s; retrying in %.1fs", self.connect_error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.sink_backoff_max)
                 continue
             self._producer = producer
             self._batches = SharedBatches(producer)
             self._reachable = True
+            self.connect_error = None
             log.info("connected to kafka")
             return
 
@@ -135,6 +118,15 @@ class KafkaSink:
         """False from the first sign of an outage until the broker acknowledges again."""
         return self._producer is not None and self._reachable
 
+    async def probe(self) -> bool:
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(producer.client.force_metadata_update(), timeout=10))
+        except Exception:
+            return False
+
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         producer, batches = self._producer, self._batches
         if producer is None or batches is None:
@@ -144,8 +136,8 @@ class KafkaSink:
         carried: list[tuple[int, OpenBatch]] = []
         for index, row in enumerate(rows):
             layout = layouts[row.topic]
-            if isinstance(layout, BaseException):
-                results[index] = self._classify(row, layout)
+            if not isinstance(layout, tuple):
+                results[index] = layout
                 continue
             key = None if row.key is None else row.key.encode()
             headers = kafka_headers(row)
@@ -157,30 +149,57 @@ class KafkaSink:
             carried.append((index, batches.append(row.topic, partition, key, row.payload, headers)))
         if carried:
             await asyncio.wait({batch.delivery for _, batch in carried})
+        # In row order, so that once an event of a key fails, its later events are only deferred.
+        failed_keys: set[tuple[str, str] | None] = set()
         for index, batch in carried:
-            results[index] = await self._outcome(batches, rows[index], batch)
+            row = rows[index]
+            if row.ordering_key is not None and row.ordering_key in failed_keys:
+                result = DEFERRED if not batch_ok(batch) else PUBLISHED
+            else:
+                result = await self._outcome(batches, row, batch)
+            if result.outcome not in (Outcome.PUBLISHED, Outcome.REJECT):
+                failed_keys.add(row.ordering_key)
+            results[index] = result
         final = [result or PUBLISHED for result in results]
         if any(r.ok for r in final):
             self._reachable = True
-        elif any(r.reason == "broker_unavailable" for r in final):
+        elif any(r.outcome is Outcome.UNAVAILABLE and not r.topic_scoped for r in final):
             self._reachable = False
         return final
 
-    async def _layouts(
-        self, producer: AIOKafkaProducer, topics: set[str]
-    ) -> dict[str, tuple[list[int], list[int]] | BaseException]:
-        """Per topic: (all partitions sorted, those with a leader), or why they are not known."""
-        layouts: dict[str, tuple[list[int], list[int]] | BaseException] = {}
+    async def _layouts(self, producer: AIOKafkaProducer, topics: set[str]) -> dict[str, Layout | PublishResult]:
+        """Per topic: its partitions, or why the topic cannot be published to now."""
+        layouts: dict[str, Layout | PublishResult] = {}
         cluster = producer.client.cluster
         for topic in topics:
+            asked_at_ms = time.time() * 1000
             try:
                 partitions = await producer.partitions_for(topic)
-            except Exception as exc:  # classified per event
-                layouts[topic] = exc
+            except Exception as exc:  # classified per topic
+                layouts[topic] = self._metadata_failure(topic, exc, asked_at_ms)
                 continue
             available = cluster.available_partitions_for_topic(topic) or ()
             layouts[topic] = (sorted(partitions), list(available))
         return layouts
+
+    def _metadata_failure(self, topic: str, exc: BaseException, asked_at_ms: float) -> PublishResult:
+        """aiokafka says "unknown topic" whenever metadata for it did not arrive in time, also when
+        the broker never answered. Only a broker that answered without the topic means it is
+        missing, and only that counts toward OUTBOX_UNKNOWN_TOPIC_GRACE."""
+        if isinstance(exc, (UnknownTopicOrPartitionError, KafkaTimeoutError)):
+            producer = self._producer
+            cluster = producer.client.cluster if producer is not None else None
+            answered = cluster is not None and cluster._last_successful_refresh_ms >= asked_at_ms
+            if answered and topic not in cluster.topics():  # type: ignore[union-attr]
+                return self._unknown_topic(topic, exc)
+            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", _detail(exc))
+        return self._classify(topic, exc)
+
+    def _unknown_topic(self, topic: str, exc: BaseException) -> PublishResult:
+        first = self._unknown_since.setdefault(topic, time.monotonic())
+        if time.monotonic() - first >= self._settings.unknown_topic_grace:
+            return PublishResult(Outcome.REJECT, "unknown_topic", _detail(exc))
+        return PublishResult(Outcome.UNAVAILABLE, "unknown_topic", _detail(exc), topic_scoped=True)
 
     def _size_error(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> str | None:
         limit = self._settings.kafka_max_request_size
@@ -196,49 +215,54 @@ class KafkaSink:
         if exc is None:
             self._unknown_since.pop(row.topic, None)
             return PUBLISHED
-        if isinstance(exc, _SIZE_REFUSALS) and batch.records > 1:
-            # The broker refused the whole batch for one record's sake: find out which, alone.
+        if isinstance(exc, PredecessorFailed):
+            return DEFERRED
+        result = self._classify(row.topic, exc)
+        if result.outcome in (Outcome.REJECT, Outcome.RETRY) and batch.records > 1:
+            # The broker refused a shared batch for the sake of one record (its size, its content):
+            # find out which, alone, so the others are charged nothing.
             key = None if row.key is None else row.key.encode()
             alone = batches.alone(row.topic, batch.partition, key, row.payload, kafka_headers(row))
             await asyncio.wait({alone.delivery})
             return await self._outcome(batches, row, alone)
-        return self._classify(row, exc)
+        return result
 
-    def _classify(self, row: OutboxRow, exc: BaseException) -> PublishResult:
-        detail = f"{type(exc).__name__}: {exc}"
-        for kind, reason in _REJECTED.items():
-            if isinstance(exc, kind):
-                return PublishResult(Outcome.REJECT, reason, detail)
-        if isinstance(exc, UnknownTopicOrPartitionError) or self._looks_like_unknown_topic(row.topic, exc):
-            first = self._unknown_since.setdefault(row.topic, time.monotonic())
-            if time.monotonic() - first >= self._settings.unknown_topic_grace:
-                return PublishResult(Outcome.REJECT, "unknown_topic", detail)
-            return PublishResult(Outcome.UNAVAILABLE, "unknown_topic", detail)
-        if isinstance(exc, _OUTAGE):
-            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", detail)
-        if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
-            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", detail)
-        return PublishResult(Outcome.RETRY, "publish_failed", detail)
+    def _classify(self, topic: str, exc: BaseException) -> PublishResult:
+        if isinstance(exc, UnknownTopicOrPartitionError):
+            # From a produce answer: the broker itself does not know the topic (or not yet, while it
+            # restarts): an outage of this topic; the grace counts only confirmed absence.
+            producer = self._producer
+            if producer is not None and topic not in producer.client.cluster.topics():
+                return self._unknown_topic(topic, exc)
+            return PublishResult(Outcome.UNAVAILABLE, "unknown_topic", _detail(exc), topic_scoped=True)
+        fault, reason = classify_kafka_error(exc)
+        if fault is Fault.SINK_UNAVAILABLE:
+            scoped = kafka_error_is_topic_scoped(exc)
+            return PublishResult(Outcome.UNAVAILABLE, reason, _detail(exc), topic_scoped=scoped)
+        if reason == "publish_failed":
+            return PublishResult(Outcome.RETRY, reason, _detail(exc))
+        return PublishResult(Outcome.REJECT, reason, _detail(exc))
 
-    def _looks_like_unknown_topic(self, topic: str, exc: BaseException) -> bool:
-        """A metadata timeout while brokers answer means the topic itself is missing."""
-        producer = self._producer
-        return (
-            isinstance(exc, KafkaTimeoutError)
-            and producer is not None
-            and bool(producer.client.cluster.brokers())
-            and topic not in producer.client.cluster.topics()
-            and not producer.client.cluster.unauthorized_topics
-        )
-
-    async def publish_dead_letter(self, row: OutboxRow, reason: str) -> None:
+    async def publish_dead_letters(self, letters: Sequence[tuple[OutboxRow, str]]) -> None:
         producer = self._producer
         if producer is None:
-            return
-        headers = [*kafka_headers(row), ("dead-letter-reason", reason.encode())]
-        await producer.send_and_wait(
-            f"{row.topic}.dlq",
-            value=row.payload,
-            key=None if row.key is None else row.key.encode(),
-            headers=headers,
-        )
+            raise SinkUnavailableError("not connected to kafka")
+        sent = [
+            await producer.send(
+                f"{row.topic}.dlq",
+                value=row.payload,
+                key=None if row.key is None else row.key.encode(),
+                headers=[*kafka_headers(row), ("dead-letter-reason", reason.encode())],
+            )
+            for row, reason in letters
+        ]
+        await asyncio.gather(*sent)
+
+
+def batch_ok(batch: OpenBatch) -> bool:
+    delivery = batch.delivery
+    return delivery.done() and not delivery.cancelled() and delivery.exception() is None
+
+
+def _detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -4,11 +4,16 @@ aiokafka's `send()` costs one coroutine, one future and one partitioner run per 
 profiling showed to be ~40% of a relay draining a backlog. Here the relay builds the record batches
 itself: each row is appended to the one open batch of its topic-partition, and every worker
 publishing at the same moment appends to the same batch, so a produce request still carries
-everything that is waiting, as the producer's own accumulator would. A batch stays open until the
-producer takes it for a request (or it is full); the next row starts a new one, queued behind it.
+everything that is waiting, as the producer's own accumulator would.
 
-Per topic-partition the producer sends batches in the order they were opened, and a worker waits for
-its batch's acknowledgement before publishing again, so per-key order is kept."""
+Per topic-partition the batches form a chain: a batch is handed to the producer only once the one
+before it was acknowledged, and stays open for more rows until then (so batches grow under load and
+go at once when nothing is in flight). If a batch fails, the batch queued behind it is not sent at
+all but fails with `PredecessorFailed`: an event that was acknowledged while an earlier event of its
+key failed would be out of order for good. Nothing is lost by that: the rows stay in the outbox and
+go again, behind the earlier ones. (aiokafka would otherwise queue every batch of a partition and
+time out the later ones independently of the earlier ones, which is how slow acknowledgements of
+large events broke per-key order.)"""
 
 from __future__ import annotations
 
@@ -44,6 +49,10 @@ class KeyPartitioner:
         return partitions[hashed % len(partitions)]
 
 
+class PredecessorFailed(Exception):
+    """The batch before this one in its topic-partition failed, so this one was not sent."""
+
+
 class OpenBatch:
     """One record batch and the task that hands it to the producer and waits for its acknowledgement."""
 
@@ -65,6 +74,7 @@ class SharedBatches:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._open: dict[tuple[str, int], OpenBatch] = {}
+        self._newest: dict[tuple[str, int], asyncio.Task[Any]] = {}  # the chain's last delivery
 
     def append(
         self, topic: str, partition: int, key: bytes | None, value: bytes, headers: Headers
@@ -76,31 +86,52 @@ class SharedBatches:
             batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is not None
         ):
             return batch
-        batch = self.alone(topic, partition, key, value, headers)
+        batch = self._start(topic, partition, key, value, headers, after=self._newest.get(tp))
         self._open[tp] = batch
+        self._newest[tp] = batch.delivery
         batch.delivery.add_done_callback(lambda _: self._forget(tp, batch))
         return batch
 
     def alone(
         self, topic: str, partition: int, key: bytes | None, value: bytes, headers: Headers
     ) -> OpenBatch:
-        """A batch of its own for one record (not shared): used to find which record a broker refused."""
+        """A batch of its own for one record, outside the chain: used to find which record of a
+        refused batch the broker objects to (the caller sends these one at a time)."""
+        return self._start(topic, partition, key, value, headers, after=None)
+
+    def _start(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers,
+        after: asyncio.Task[Any] | None,
+    ) -> OpenBatch:
         builder = self._producer.create_batch()
         if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
             raise RuntimeError("an empty Kafka record batch refused its first record")
         delivery = asyncio.create_task(
-            self._deliver(builder, topic, partition), name=f"kafka-batch-{topic}-{partition}"
+            self._deliver(builder, topic, partition, after), name=f"kafka-batch-{topic}-{partition}"
         )
         delivery.add_done_callback(_retrieve_exception)
         return OpenBatch(builder, partition, delivery)
 
-    async def _deliver(self, builder: BatchBuilder, topic: str, partition: int) -> Any:
+    async def _deliver(
+        self, builder: BatchBuilder, topic: str, partition: int, after: asyncio.Task[Any] | None
+    ) -> Any:
+        if after is not None:
+            await asyncio.wait({after})
+            if after.cancelled() or after.exception() is not None:
+                raise PredecessorFailed(f"an earlier record batch of {topic}[{partition}] failed")
         acknowledged = await self._producer.send_batch(builder, topic, partition=partition)
         return await acknowledged
 
     def _forget(self, tp: tuple[str, int], batch: OpenBatch) -> None:
         if self._open.get(tp) is batch:
             del self._open[tp]
+        if self._newest.get(tp) is batch.delivery:
+            del self._newest[tp]
 
 
 def _retrieve_exception(task: asyncio.Task[Any]) -> None:

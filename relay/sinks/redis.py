@@ -7,7 +7,7 @@ import logging
 import zlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -15,7 +15,8 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.config import RelaySettings
-from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
+from relay.events import DEFERRED, PUBLISHED, OutboxRow, Outcome, PublishResult
+from relay.faults import Fault, classify_redis_error, classify_redis_reply_error
 from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,14 @@ def stream_name(row: OutboxRow, shards: dict[str, int]) -> str:
 
 # One XADD per stream named in KEYS. ARGV[1] is the approximate MAXLEN (0: none); then, per entry,
 # its number of fields followed by the field-value pairs. Returns, per entry, the new entry id, or
-# '!' and the error: one entry's failure (say WRONGTYPE) neither stops nor undoes the others.
+# '!' and the error: one entry's failure (say WRONGTYPE) neither stops nor undoes the others, but
+# after a stream's entry failed its later entries are not added ('!DEFERRED'), so an event never
+# lands ahead of an earlier event of its key (a key always maps to one stream).
 XADD_BATCH_SCRIPT = """
 local maxlen = tonumber(ARGV[1])
 local at = 2
 local ids = {}
+local failed = {}
 for i, stream in ipairs(KEYS) do
   local fields = tonumber(ARGV[at])
   local args = {stream}
@@ -47,11 +51,16 @@ for i, stream in ipairs(KEYS) do
     args[#args + 1] = ARGV[j]
   end
   at = at + 2 * fields + 1
-  local reply = redis.pcall('XADD', unpack(args))
-  if type(reply) == 'table' and reply.err then
-    ids[i] = '!' .. reply.err
+  if failed[stream] then
+    ids[i] = '!DEFERRED'
   else
-    ids[i] = reply
+    local reply = redis.pcall('XADD', unpack(args))
+    if type(reply) == 'table' and reply.err then
+      ids[i] = '!' .. reply.err
+      failed[stream] = true
+    else
+      ids[i] = reply
+    end
   end
 end
 return ids
@@ -128,6 +137,16 @@ class RedisSink:
     def is_connected(self) -> bool:
         return self._client is not None and self._connected
 
+    async def probe(self) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.ping()
+        except (RedisError, OSError):
+            return False
+        return True
+
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         client = self._client
         if client is None:
@@ -156,19 +175,31 @@ class RedisSink:
         except ResponseError as exc:
             # Not one entry's fault (those come back per entry): scripts refused (NOPERM), out of
             # memory, busy. Counting attempts would dead-letter good events, so: unavailable.
-            self._connected = False
-            log.error("redis refused the batch script (%s); OUTBOX_REDIS_SCRIPTS=false uses plain XADDs", exc)
-            raise SinkUnavailableError(f"redis refused the batch: {exc}") from exc
+            self._refused(exc, "OUTBOX_REDIS_SCRIPTS=false uses plain XADDs")
         return [self._classify_scripted(reply) for reply in replies]
 
     async def _publish_pipelined(
         self, client: aioredis.Redis, rows: Sequence[OutboxRow]
     ) -> list[PublishResult]:
-        pipe = client.pipeline(transaction=False)
+        """In MULTI/EXEC: Redis refuses a server state (OOM, READONLY...) when a command is queued and
+        then runs none of them, so a stream never gets a later entry without the earlier ones."""
+        pipe = client.pipeline(transaction=True)
         for row in rows:
             self._xadd(pipe, row, stream_name(row, self._settings.redis_shards), stream_fields(row))
-        replies = await pipe.execute(raise_on_error=False)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except ResponseError as exc:
+            self._refused(exc, "")
         return [self._classify(reply) for reply in replies]
+
+    def _refused(self, exc: ResponseError, hint: str) -> NoReturn:
+        self._connected = False
+        fault, _ = classify_redis_error(exc)
+        if fault is Fault.SINK_UNAVAILABLE:
+            log.warning("redis cannot take writes now: %s", exc)
+        else:
+            log.error("redis refused the batch: %s%s", exc, f" ({hint})" if hint else "")
+        raise SinkUnavailableError(f"redis refused the batch: {exc}") from exc
 
     def _xadd(self, pipe: Any, row: OutboxRow, stream: str, fields: dict[str, bytes | str]) -> None:
         maxlen = self._settings.redis_maxlen
@@ -180,23 +211,31 @@ class RedisSink:
     @staticmethod
     def _classify_scripted(reply: object) -> PublishResult:
         if isinstance(reply, bytes) and reply.startswith(b"!"):
-            return PublishResult(
-                Outcome.RETRY, "publish_failed", f"ResponseError: {reply[1:].decode(errors='replace')}"
-            )
+            message = reply[1:].decode(errors="replace")
+            return DEFERRED if message == "DEFERRED" else _reply_error(message)
         return PUBLISHED
 
     @staticmethod
     def _classify(reply: object) -> PublishResult:
-        if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
-            return PublishResult(Outcome.UNAVAILABLE, "broker_unavailable", str(reply))
-        if isinstance(reply, ResponseError):
-            return PublishResult(Outcome.RETRY, "publish_failed", f"ResponseError: {reply}")
         if isinstance(reply, Exception):
-            return PublishResult(Outcome.RETRY, "publish_failed", f"{type(reply).__name__}: {reply}")
+            return _outcome_of(*classify_redis_error(reply), f"{type(reply).__name__}: {reply}")
         return PUBLISHED
 
-    async def publish_dead_letter(self, row: OutboxRow, reason: str) -> None:
+    async def publish_dead_letters(self, letters: Sequence[tuple[OutboxRow, str]]) -> None:
         if self._client is None:
-            return
-        fields = stream_fields(row) | {"dead-letter-reason": reason}
-        await self._client.xadd(f"{row.topic}.dlq", fields)  # type: ignore[arg-type]
+            raise SinkUnavailableError("not connected to redis")
+        pipe = self._client.pipeline(transaction=False)
+        for row, reason in letters:
+            pipe.xadd(f"{row.topic}.dlq", stream_fields(row) | {"dead-letter-reason": reason})  # type: ignore[arg-type]
+        await pipe.execute()
+
+
+def _reply_error(message: str) -> PublishResult:
+    """One XADD's error reply: a server state (OOM, READONLY...) is the sink's, anything else the entry's."""
+    return _outcome_of(*classify_redis_reply_error(message), f"ResponseError: {message}")
+
+
+def _outcome_of(fault: Fault, reason: str, detail: str) -> PublishResult:
+    if fault is Fault.SINK_UNAVAILABLE:
+        return PublishResult(Outcome.UNAVAILABLE, reason, detail)
+    return PublishResult(Outcome.RETRY, reason, detail)

@@ -3,30 +3,51 @@
 -- Lease checks ("fencing") sit in the same statement as the write they guard.
 
 -- claim_batch --
--- The oldest publishable rows of one partition, in id order. A (topic, key) whose earliest
--- row waits for a retry holds back its later rows; paused topics are left alone.
+-- The oldest publishable rows of one partition, in id order: at most $2 rows, and only the prefix
+-- whose payload, key and header bytes add up to at most $7 (but always the first row, so an event
+-- larger than the budget still moves). A (topic, key) whose earliest row waits for a retry holds
+-- back its later rows; paused topics ($3, LIKE patterns) and skipped topics ($8) are left alone.
+-- Postgres allows no window function beside FOR UPDATE, so `candidates` locks ids and sizes and the
+-- running sum is taken outside it. octet_length does not detoast: sizing a row reads no payload.
 WITH blocked AS (
     SELECT topic, key, min(id) AS first_id
     FROM {schema}.outbox
     WHERE partition = $1 AND published_at IS NULL AND next_attempt_at > now() AND key IS NOT NULL
     GROUP BY topic, key
+),
+candidates AS MATERIALIZED (
+    SELECT o.id,
+           octet_length(o.payload)::bigint + coalesce(octet_length(o.key), 0)
+               + octet_length(o.headers::text) AS size
+    FROM {schema}.outbox o
+    WHERE o.partition = $1
+      AND o.published_at IS NULL
+      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+      AND NOT (o.topic LIKE ANY ($3::text[]))
+      AND o.topic <> ALL ($8::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
+      AND EXISTS (
+          SELECT 1 FROM {schema}.distributed_locks l
+          WHERE l.name = $4 AND l.name = 'partition:' || $1
+            AND l.holder = $5 AND l.token = $6 AND l.expires_at > now())
+    ORDER BY o.id
+    LIMIT $2
+    FOR UPDATE OF o SKIP LOCKED
+),
+sized AS (
+    SELECT id,
+           row_number() OVER w AS n,
+           sum(size) OVER (w ROWS UNBOUNDED PRECEDING) AS running
+    FROM candidates
+    WINDOW w AS (ORDER BY id)
 )
 SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.headers::text AS headers,
        o.created_at, o.attempts, o.first_attempt_at
-FROM {schema}.outbox o
-WHERE o.partition = $1
-  AND o.published_at IS NULL
-  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-  AND NOT (o.topic LIKE ANY ($3::text[]))
-  AND NOT EXISTS (
-      SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
-  AND EXISTS (
-      SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $4 AND l.name = 'partition:' || $1
-        AND l.holder = $5 AND l.token = $6 AND l.expires_at > now())
-ORDER BY o.id
-LIMIT $2
-FOR UPDATE OF o SKIP LOCKED;
+FROM sized s
+JOIN {schema}.outbox o ON o.id = s.id
+WHERE s.n = 1 OR s.running <= $7::bigint
+ORDER BY o.id;
 
 -- next_retry_delay --
 -- Seconds until the earliest retry of a partition is due (NULL when nothing waits).
@@ -119,26 +140,29 @@ WHERE l.name IS NULL OR l.holder IS NULL OR l.expires_at <= now()
 ORDER BY p;
 
 -- instance_heartbeat --
--- Registers or refreshes this instance and returns the ids of all live instances, sorted.
+-- Registers or refreshes this instance with its health ($7: why it is unhealthy, NULL when healthy)
+-- and returns every live instance, this one included, with its health, sorted by id. This
+-- instance's row comes from `beat` (what was just written); the others as last written (older
+-- relays never write unhealthy_reason, so they count as healthy).
 WITH beat AS (
     INSERT INTO {schema}.relay_instances AS i
-        (instance_id, hostname, pid, version, started_at, heartbeat_at, partitions)
-    VALUES ($1, $2, $3, $4, now(), now(), $5::int[])
+        (instance_id, hostname, pid, version, started_at, heartbeat_at, partitions, unhealthy_reason)
+    VALUES ($1, $2, $3, $4, now(), now(), $5::int[], $7)
     ON CONFLICT (instance_id) DO UPDATE
     SET heartbeat_at = now(), partitions = excluded.partitions, stopped_at = NULL,
-        started_at = CASE WHEN i.stopped_at IS NULL THEN i.started_at ELSE now() END
-    RETURNING instance_id
+        started_at = CASE WHEN i.stopped_at IS NULL THEN i.started_at ELSE now() END,
+        unhealthy_reason = excluded.unhealthy_reason
+    RETURNING instance_id, unhealthy_reason
 )
-SELECT array_agg(instance_id ORDER BY instance_id) AS live
-FROM (
-    SELECT instance_id FROM beat
-    UNION
-    SELECT instance_id FROM {schema}.relay_instances
-    WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $6)
-) alive;
+SELECT instance_id, unhealthy_reason FROM beat
+UNION ALL
+SELECT instance_id, unhealthy_reason FROM {schema}.relay_instances
+WHERE instance_id <> $1 AND stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $6)
+ORDER BY instance_id;
 
 -- instance_stopped --
-UPDATE {schema}.relay_instances SET stopped_at = now(), partitions = '{}' WHERE instance_id = $1;
+UPDATE {schema}.relay_instances SET stopped_at = now(), partitions = '{}', unhealthy_reason = NULL
+WHERE instance_id = $1;
 
 -- pauses_active --
 SELECT topic_pattern FROM {schema}.pauses WHERE expires_at IS NULL OR expires_at > now();

@@ -13,6 +13,7 @@ from relay.pauses import glob_to_like
 from relay.store import Fence, RelayStore
 
 PARTITIONS = 16
+MAX_BYTES = 8 * 2**20  # the default OUTBOX_CLAIM_MAX_BYTES: far above these tests' rows
 
 
 @pytest.fixture
@@ -131,7 +132,7 @@ async def test_a_stale_fence_changes_nothing(
     fence = await fence_for(store, lease, "a")
     keys = await keys_in_partition(pg, 5, 3)
     ids = [await insert(pg, schema, "orders", key, 5) for key in keys]
-    claimed = await store.claim_batch(5, 10, [], fence)
+    claimed = await store.claim_batch(5, 10, [], fence, max_bytes=MAX_BYTES)
     assert [r.id for r in claimed] == ids
 
     await expire(pg, schema, lease)
@@ -140,7 +141,7 @@ async def test_a_stale_fence_changes_nothing(
         assert new_owner.token == fence.token + 1
     before = await outbox_rows(pg, schema)
 
-    assert await store.claim_batch(5, 10, [], fence) == []
+    assert await store.claim_batch(5, 10, [], fence, max_bytes=MAX_BYTES) == []
     assert await store.settle(ids[:1], fence, retain=False) == 0
     assert await store.settle(ids[:1], fence, retain=True) == 0
     assert await store.record_failures(ids[1:2], [0.0], ["boom"], fence) == 0
@@ -150,7 +151,7 @@ async def test_a_stale_fence_changes_nothing(
     assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".dead_letter_archive') == 0
 
     if how == "taken_over":  # the new owner's fence works on the same rows
-        assert [r.id for r in await store.claim_batch(5, 10, [], new_owner)] == ids
+        assert [r.id for r in await store.claim_batch(5, 10, [], new_owner, max_bytes=MAX_BYTES)] == ids
         assert await store.settle(ids, new_owner, retain=False) == 3
 
 
@@ -160,7 +161,7 @@ async def test_a_valid_fence_settles_retries_and_dead_letters(
     fence = await fence_for(store, "partition:7", "a")
     keys = await keys_in_partition(pg, 7, 4)
     ids = [await insert(pg, schema, "orders", key, 7) for key in keys]
-    assert len(await store.claim_batch(7, 10, [], fence)) == 4
+    assert len(await store.claim_batch(7, 10, [], fence, max_bytes=MAX_BYTES)) == 4
 
     assert await store.settle(ids[:1], fence, retain=False) == 1
     assert await store.settle(ids[1:2], fence, retain=True) == 1
@@ -181,7 +182,7 @@ async def test_a_valid_fence_settles_retries_and_dead_letters(
     assert 55 < wait <= 60
     assert ids[3] not in rows
     # Nothing published or waiting is claimed again.
-    assert await store.claim_batch(7, 10, [], fence) == []
+    assert await store.claim_batch(7, 10, [], fence, max_bytes=MAX_BYTES) == []
 
 
 async def test_dead_letter_moves_the_row_in_one_step(
@@ -224,10 +225,12 @@ async def test_claim_takes_the_oldest_rows_of_its_partition_in_id_order(
     for n in range(30):
         ids.append(await insert(pg, schema, f"t{n % 3}", keys[(n * 7) % 5], 2))
         await insert(pg, schema, "t0", other, 9)
-    assert [r.id for r in await store.claim_batch(2, 10, [], fence)] == ids[:10]
-    assert [r.id for r in await store.claim_batch(2, 100, [], fence)] == ids
+    assert [r.id for r in await store.claim_batch(2, 10, [], fence, max_bytes=MAX_BYTES)] == ids[:10]
+    assert [r.id for r in await store.claim_batch(2, 100, [], fence, max_bytes=MAX_BYTES)] == ids
     other_fence = await fence_for(store, "partition:9", "a")
-    assert len(await store.claim_batch(9, 100, [], other_fence)) == 30, "each partition is claimed alone"
+    assert len(await store.claim_batch(9, 100, [], other_fence, max_bytes=MAX_BYTES)) == 30, (
+        "each partition is claimed alone"
+    )
 
 
 async def test_claim_skips_paused_topic_patterns(
@@ -238,11 +241,11 @@ async def test_claim_skips_paused_topic_patterns(
     topics = ["orders.created", "orders.paid", "billing", "a_b", "axb", "100%", "1000", "ordersXpaid"]
     ids = {topic: await insert(pg, schema, topic, key, 4) for topic in topics}
     paused = [glob_to_like(p) for p in ("orders.*", "a_b", "100%")]
-    claimed = await store.claim_batch(4, 100, paused, fence)
+    claimed = await store.claim_batch(4, 100, paused, fence, max_bytes=MAX_BYTES)
     assert [r.topic for r in claimed] == ["billing", "axb", "1000", "ordersXpaid"]
     assert [r.id for r in claimed] == sorted(r.id for r in claimed)
-    assert await store.claim_batch(4, 100, [glob_to_like("*")], fence) == []
-    everything = await store.claim_batch(4, 100, [], fence)
+    assert await store.claim_batch(4, 100, [glob_to_like("*")], fence, max_bytes=MAX_BYTES) == []
+    everything = await store.claim_batch(4, 100, [], fence, max_bytes=MAX_BYTES)
     assert [r.id for r in everything] == sorted(ids.values())
 
 
@@ -259,13 +262,13 @@ async def test_a_row_waiting_for_its_retry_holds_back_only_its_own_key(
     k3 = await insert(pg, schema, "orders", k, 6)
     assert await store.record_failures([k1], [3600.0], ["down"], fence) == 1
 
-    claimed = await store.claim_batch(6, 100, [], fence)
+    claimed = await store.claim_batch(6, 100, [], fence, max_bytes=MAX_BYTES)
     assert [r.id for r in claimed] == [j1, k_other_topic, j2]
 
     await pg.execute(
         f"UPDATE \"{schema}\".outbox SET next_attempt_at = now() - interval '1 second' WHERE id = $1", k1
     )
-    claimed = await store.claim_batch(6, 100, [], fence)
+    claimed = await store.claim_batch(6, 100, [], fence, max_bytes=MAX_BYTES)
     assert [r.id for r in claimed] == [k1, j1, k2, k_other_topic, j2, k3]
     assert claimed[0].attempts == 1 and all(r.attempts == 0 for r in claimed[1:])
 
@@ -284,6 +287,6 @@ async def test_keyless_rows_waiting_for_a_retry_hold_back_nothing(
     assert len(members) >= 2
     fence = Fence(f"partition:{partition}", "a", 1)
     assert await store.record_failures(members[:1], [3600.0], ["down"], fence) == 1
-    claimed = await store.claim_batch(partition, 100, [], fence)
+    claimed = await store.claim_batch(partition, 100, [], fence, max_bytes=MAX_BYTES)
     assert [r.id for r in claimed] == members[1:]
     assert len(ids) == 40

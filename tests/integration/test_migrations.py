@@ -190,3 +190,44 @@ def test_partition_count_is_recorded_and_used(database_url: str, db: psycopg.Con
         assert {row[0] for row in rows} == {0, 1, 2, 3}
     finally:
         db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def _columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, bool]:
+    """Column -> nullable."""
+    rows = conn.execute(
+        "SELECT column_name, is_nullable = 'YES' FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s",
+        (schema, table),
+    ).fetchall()
+    return {name: nullable for name, nullable in rows}
+
+
+def test_instance_health_is_an_additive_column_that_downgrades_away(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    """0003 only adds a nullable column: a relay of the previous release, whose heartbeat does not
+    name it, keeps working on the new schema and counts as healthy (NULL)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
+    try:
+        assert migrate.upgrade(settings, "0002") == "0002"
+        before = _columns(db, name, "relay_instances")
+        assert "unhealthy_reason" not in before
+
+        assert migrate.upgrade(settings, "0003") == "0003"
+        after = _columns(db, name, "relay_instances")
+        assert after == {**before, "unhealthy_reason": True}
+        # The previous release's heartbeat, verbatim in shape: it never names the new column.
+        db.execute(
+            f"INSERT INTO {name}.relay_instances (instance_id, hostname, pid, version, partitions)"
+            " VALUES ('old-relay', 'h', 1, '0.9', '{1,2}')"
+            " ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), partitions = excluded.partitions"
+        )
+        assert db.execute(f"SELECT unhealthy_reason FROM {name}.relay_instances").fetchall() == [(None,)]
+
+        assert migrate.downgrade(settings, "0002") == "0002"
+        assert _columns(db, name, "relay_instances") == before
+        assert db.execute(f"SELECT instance_id FROM {name}.relay_instances").fetchall() == [("old-relay",)]
+        assert migrate.upgrade(settings) == migrate.head_revision()
+    finally:
+        db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

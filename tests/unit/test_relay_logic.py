@@ -204,6 +204,46 @@ def test_fair_shares_add_up_to_the_partition_count(instances: int) -> None:
     assert shares == sorted(shares, reverse=True), "the extra partitions go to the first ids"
 
 
+def test_an_unhealthy_instance_of_three_gets_nothing_and_the_healthy_split_everything() -> None:
+    live = ["relay-a", "relay-b", "relay-c"]
+    shares = [fair_share(16, live, me, unhealthy={"relay-b"}) for me in live]
+    assert shares == [8, 0, 8]
+
+
+def test_when_every_instance_is_unhealthy_the_split_is_the_usual_one() -> None:
+    # Everyone lost the broker (a real outage): handing over would orphan partitions.
+    live = ["relay-a", "relay-b", "relay-c"]
+    assert [fair_share(16, live, me, unhealthy=set(live)) for me in live] == [6, 5, 5]
+
+
+def test_an_instance_alone_unhealthy_keeps_its_partitions_when_it_has_no_peer() -> None:
+    assert fair_share(16, ["solo"], "solo", unhealthy={"solo"}) == 16
+    assert fair_share(16, [], "solo", unhealthy={"solo"}) == 16
+
+
+def test_me_unhealthy_alone_hands_everything_to_the_healthy_peers() -> None:
+    live = ["relay-a", "relay-b", "relay-c"]
+    assert fair_share(16, live, "relay-a", unhealthy={"relay-a"}) == 0
+    # ...and what the peers compute from the same heartbeat adds up to every partition.
+    assert [fair_share(16, live, me, unhealthy={"relay-a"}) for me in live[1:]] == [8, 8]
+
+
+def test_unhealthy_peers_do_not_count_for_a_healthy_instance_missing_from_the_list() -> None:
+    assert fair_share(16, ["relay-1", "relay-2"], "relay-0", unhealthy={"relay-1"}) == 8
+    assert fair_share(16, ["relay-1", "relay-2"], "relay-0", unhealthy={"relay-1", "relay-2"}) == 16
+
+
+@pytest.mark.parametrize("instances", range(1, 9))
+@pytest.mark.parametrize("sick", [0, 1, 2, 3])
+def test_shares_over_healthy_instances_add_up_to_the_partition_count(instances: int, sick: int) -> None:
+    live = sorted(f"relay-{n:02d}" for n in range(instances))
+    unhealthy = set(live[::2][:sick])
+    shares = {me: fair_share(16, live, me, unhealthy) for me in live}
+    assert sum(shares.values()) == 16, "no partition orphaned, none counted twice"
+    if len(unhealthy) < len(live):
+        assert all(shares[me] == 0 for me in unhealthy)
+
+
 # -- glob_to_like ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,1 @@
+"""Development tooling that is not shipped (not part of the package, CI or pytest)."""
