@@ -195,7 +195,7 @@ class PartitionWorker:
         so the next owner does not send it again."""
         if self._inflight is None or self.lease.remaining() <= 0:
             return
-        with contextlib.suppress(*TRANSIENT_DB_ERRORS):
+        with contextlib.suppress(*TRANSIENT_DB_ERRORS, PublishCrashedError):
             await self.process_batch()
 
     def _may_work(self) -> bool:
@@ -216,14 +216,15 @@ class PartitionWorker:
         """One claim-publish-settle round. True when the batch was full (more may be waiting)."""
         if self._inflight is not None:
             plan, task = self._inflight
-            results = await self._await_publish(task)
-            if results is None:
-                return False
-            self._inflight = None
             try:
+                results = await self._await_publish(task)
+                if results is None:
+                    return False
+                self._inflight = None
                 return await self._after_publish(plan, results, claimed=len(plan.send))
             finally:
-                self._release_held()
+                if self._inflight is None:  # settled, or the publish failed and was forgotten
+                    self._release_held()
         ctx, settings = self._ctx, self._ctx.settings
         max_bytes = settings.claim_max_bytes
         if not await self._reserve(max_bytes):
