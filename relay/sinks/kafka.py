@@ -123,9 +123,11 @@ class KafkaSink:
         if producer is None:
             return False
         try:
-            return bool(await asyncio.wait_for(producer.client.force_metadata_update(), timeout=10))
+            answered = bool(await asyncio.wait_for(producer.client.force_metadata_update(), timeout=10))
         except Exception:
             return False
+        self._reachable = self._reachable or answered
+        return answered
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         producer, batches = self._producer, self._batches

@@ -145,6 +145,7 @@ class RedisSink:
             await client.ping()
         except (RedisError, OSError):
             return False
+        self._connected = True
         return True
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:

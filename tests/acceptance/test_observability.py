@@ -492,7 +492,11 @@ async def test_no_password_reaches_the_output_while_a_sink_keeps_failing(
     async def not_ready() -> bool:
         assert relay.alive(), relay.log()[-3000:]
         response = await get(port, "/readyz")
-        return response is not None and response.status == 503
+        if response is None or response.status != 503:
+            return False
+        # Started (database and Kafka fine), not merely not ready yet because it is still starting.
+        body = json.loads(response.body)
+        return bool(body["database"] and body.get("sink_kafka"))
 
     await wait_until(not_ready, 60, what="/readyz to answer 503")
     response = await get(port, "/readyz")
