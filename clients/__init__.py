@@ -3,8 +3,10 @@
 from clients.writer import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     EnqueueResult,
+    OutboxConflictError,
     OutboxEvent,
     OutboxValidationError,
+    OutboxWriterError,
     aenqueue,
     aenqueue_many,
     enqueue,
@@ -14,8 +16,10 @@ from clients.writer import (
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "EnqueueResult",
+    "OutboxConflictError",
     "OutboxEvent",
     "OutboxValidationError",
+    "OutboxWriterError",
     "aenqueue",
     "aenqueue_many",
     "enqueue",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import typer
 from rich.console import Console
@@ -46,6 +46,8 @@ from clients.control import (
     Unavailable,
     parse_event_ref,
 )
+from relay.config_errors import remember_environment_secrets
+from relay.dburl import redact
 
 T = TypeVar("T")
 
@@ -183,12 +185,14 @@ def exit_code(error: ControlError) -> int:
 
 
 def _redact(text: str, options: Options | None) -> str:
+    """`text` without the token (from --token, the environment or a file), URL/DSN passwords or any
+    secret this process remembered (relay.dburl.redact)."""
     if options is not None:
         if options.config is not None:
             text = options.config.redact(text)
         if options.token:
             text = text.replace(options.token, "***")
-    return text
+    return redact(text)
 
 
 def _fail(message: str, code: int, options: Options | None = None) -> NoReturn:
@@ -454,10 +458,21 @@ def release_lock(
 def pause(
     ctx: typer.Context,
     reason: Annotated[str, typer.Option("--reason", help="Why, for the other operators.")],
-    pattern: Annotated[str, typer.Argument(help="Shell-style topic glob; '*' (default) pauses every topic.")] = "*",
+    pattern: Annotated[
+        str, typer.Argument(help="Topic glob: '*' any characters, '?' one character (no [...]); '*' (default) pauses every topic.")
+    ] = "*",
     ttl: Annotated[str | None, typer.Option("--ttl", help="End the pause by itself after 30m, 2h, 1h30m...")] = None,
 ) -> None:
-    """Stop publishing topics matching PATTERN (again: replaces its reason and expiry)."""
+    """Stop publishing topics matching PATTERN (again: replaces its reason and expiry).
+
+    PATTERN: '*' matches any characters, '?' one character, anything else itself. Character classes
+    ('[...]') are refused: the relay matches pauses with SQL LIKE, which has none."""
+    if "[" in pattern or "]" in pattern:
+        _fail(
+            f"PATTERN: {pattern!r}: '[' and ']' (character classes) are not supported in pause patterns, "
+            "the relay could not honour them; use '*' (any characters) and '?' (one character)",
+            EXIT_USAGE,
+        )
     duration = parse_duration(ttl, "--ttl") if ttl is not None else None
     with _session(ctx) as client:
         result = client.pause(pattern, reason=reason, ttl=duration)
@@ -549,8 +564,9 @@ def audit(
 
 
 def _audit_table(items: Sequence[AuditEntry]) -> Table:
-    return _table("Audit log", ["id", "at", "actor", "action", "arguments", "result"], [
-        (e.id, _t(e.at), e.actor, e.action, json.dumps(e.arguments, sort_keys=True), json.dumps(e.result, sort_keys=True))
+    return _table("Audit log", ["id", "at", "actor", "verified as", "action", "arguments", "result"], [
+        (e.id, _t(e.at), e.actor, e.client_identity, e.action, json.dumps(e.arguments, sort_keys=True),
+         json.dumps(e.result, sort_keys=True))
         for e in items
     ])
 
@@ -587,12 +603,16 @@ class _Filter:
         return ", ".join(f"{k}={v.isoformat() if isinstance(v, datetime) else v}" for k, v in self.kwargs().items() if v is not None)
 
 
-def _selection(ids: list[int] | None, where: _Filter) -> tuple[dict[str, Any], str]:
+def _selection(ids: list[int] | None, where: _Filter, *, or_all: bool = False) -> tuple[dict[str, Any], str]:
     """The client keyword arguments choosing the dead letters (IDS or the filters), and their description."""
     if ids and not where.is_empty():
         _fail("give dead letter IDS or filters (--topic/--key/--reason/--since/--until), not both", EXIT_USAGE)
     if not ids and where.is_empty():
-        _fail("give dead letter IDS or at least one filter (--topic/--key/--reason/--since/--until)", EXIT_USAGE)
+        everything = " (or --all for every dead letter)" if or_all else ""
+        _fail(
+            f"give dead letter IDS or at least one filter (--topic/--key/--reason/--since/--until){everything}",
+            EXIT_USAGE,
+        )
     if ids:
         return {"ids": ids}, f"{len(ids)} dead letter(s) by id"
     return where.kwargs(), f"the dead letters matching {where.describe()}"
@@ -695,18 +715,38 @@ def dead_letters_replay(
     ] = None,
     yes: YesOption = False,
 ) -> None:
-    """Put dead letters (IDS or those matching the filters) back into the outbox as new events."""
+    """Put dead letters (IDS or those matching the filters) back into the outbox as new events.
+
+    The request id (--request-id, or a new one) is printed on stderr before anything is replayed and
+    again with any error: a replay cut off part-way (timeout, lost connection, Ctrl-C) is finished,
+    without replaying anything twice, by running the same command with --request-id ID."""
     selection, what = _selection(ids, _Filter.parse(topic, key, reason, since, until))
+    rid = request_id or str(uuid4())
 
     def question(p: ReplayResult) -> str:
         skipped = f", {p.skipped_already_replayed_count} already replayed would be skipped" if p.skipped_already_replayed_count else ""
         return f"Replay {p.replayed_count} dead letter(s) ({what}{skipped})?"
 
+    def call(dry: bool) -> ReplayResult:
+        if dry:
+            return client.replay(rid, **selection, force=force, dry_run=True)
+        retry = f"--request-id {rid}"
+        typer.echo(f"{_PROG}: replay request id: {rid} (if this fails, rerun with {retry})", err=True)
+        try:
+            return client.replay(rid, **selection, force=force, dry_run=False)
+        except ControlError as error:
+            # Still one error line (printed by _session), now naming the id to finish the request with.
+            raise type(error)(
+                f"{error.message} (replay request id {rid}: what was done stays done; rerun with {retry} "
+                "to finish it without replaying anything twice)",
+                code=error.code, method=error.method,
+            ) from error
+        except BaseException:
+            typer.echo(f"{_PROG}: replay request id {rid} was cut off: rerun with {retry} to finish it", err=True)
+            raise
+
     with _session(ctx) as client:
-        result = _confirmed(
-            ctx, yes, dry_run, f"replay {what}",
-            lambda dry: client.replay(request_id, **selection, force=force, dry_run=dry), question,
-        )
+        result = _confirmed(ctx, yes, dry_run, f"replay {what}", call, question)
     _emit(ctx, result, lambda c: _show_replay(c, result))
 
 
@@ -730,10 +770,22 @@ def dead_letters_purge(
     since: SinceFilter = None,
     until: UntilFilter = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")] = False,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Every dead letter in the archive (instead of IDS or filters).")
+    ] = False,
     yes: YesOption = False,
 ) -> None:
-    """Delete dead letters (IDS or those matching the filters) from the archive, for good."""
-    selection, what = _selection(ids, _Filter.parse(topic, key, reason, since, until))
+    """Delete dead letters (IDS, those matching the filters, or --all) from the archive, for good.
+
+    Runs in batches of at most 1000 rows; if it is cut off, the batches done stay done."""
+    where = _Filter.parse(topic, key, reason, since, until)
+    if everything:
+        if ids or not where.is_empty():
+            _fail("give dead letter IDS, filters or --all, not several", EXIT_USAGE)
+        selection: dict[str, Any] = {"all_dead_letters": True}
+        what = "ALL dead letters in the archive"
+    else:
+        selection, what = _selection(ids, where, or_all=True)
     with _session(ctx) as client:
         result = _confirmed(
             ctx, yes, dry_run, f"purge {what}",
@@ -759,6 +811,7 @@ def _click_exception(name: str) -> type[Exception]:
 def main(argv: Sequence[str] | None = None) -> None:
     """The `outboxctl` console script: runs one command and exits with its exit code."""
     usage_error = _click_exception("UsageError")
+    remember_environment_secrets()  # OUTBOX_CONTROL_TOKEN(_FILE): redacted even before it is parsed
     try:
         result = app(args=list(argv) if argv is not None else None, prog_name=_PROG, standalone_mode=False)
     except usage_error as error:
@@ -769,6 +822,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             context = getattr(error, "ctx", None)
             hint = f" (see '{context.command_path} --help')" if context is not None else ""
             message = " ".join(error.format_message().split())  # type: ignore[attr-defined]
+            message = _redact(message, _ACTIVE[0] if _ACTIVE else None)  # e.g. a bad --token value
             typer.echo(f"{_PROG}: error: {message}{hint}", err=True)
             code = EXIT_USAGE
     except typer.Abort:
@@ -778,7 +832,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         typer.echo(f"{_PROG}: interrupted", err=True)
         code = 130
     except Exception as error:  # one line, never a traceback that could hold a token
-        typer.echo(f"{_PROG}: error: unexpected {type(error).__name__}: {_redact(str(error), _ACTIVE[0] if _ACTIVE else None)}", err=True)
+        text = " ".join(_redact(str(error), _ACTIVE[0] if _ACTIVE else None).split())
+        typer.echo(f"{_PROG}: error: unexpected {type(error).__name__}: {text}", err=True)
         code = EXIT_OTHER
     else:
         code = result if isinstance(result, int) else EXIT_OK

@@ -318,6 +318,9 @@ class AuditEntry:
     action: str
     arguments: Mapping[str, Any]
     result: Mapping[str, Any]
+    # Verified by the server: 'cn:<CN>' of an mTLS client certificate, 'token:admin' or 'anonymous';
+    # None for entries written before the server recorded it. (The operator in `actor` is declared.)
+    client_identity: str | None = None
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -646,7 +649,10 @@ def _replay_result(request_id: str) -> Callable[[pb.ReplayDeadLettersResponse], 
 
 
 def _audit_entry(m: pb.AuditEntry) -> AuditEntry:
-    return AuditEntry(m.id, _time(m, "at"), m.actor, m.action, _json(m.arguments_json), _json(m.result_json))
+    return AuditEntry(
+        m.id, _time(m, "at"), m.actor, m.action, _json(m.arguments_json), _json(m.result_json),
+        m.client_identity or None,
+    )
 
 
 def _page_token(value: str) -> str | None:
@@ -823,11 +829,20 @@ class _Calls:
         return _Call("ReplayDeadLetters", request, True, _replay_result(rid))
 
     def purge(
-        self, ids: Sequence[int] | None, where: pb.DeadLetterFilter | None, dry_run: bool, operator: str | None
+        self,
+        ids: Sequence[int] | None,
+        where: pb.DeadLetterFilter | None,
+        dry_run: bool,
+        operator: str | None,
+        all_dead_letters: bool = False,
     ) -> _Call[PurgeResult]:
-        request = pb.PurgeDeadLettersRequest(
-            dry_run=dry_run, operator=self._operator(operator), **_selection(ids, where)
-        )
+        if all_dead_letters:
+            if ids is not None or where is not None:
+                raise InvalidArgument("all_dead_letters: give ids, filter criteria or all_dead_letters, not several")
+            selection: dict[str, Any] = {"all_dead_letters": True}
+        else:
+            selection = _selection(ids, where)
+        request = pb.PurgeDeadLettersRequest(dry_run=dry_run, operator=self._operator(operator), **selection)
         return _Call(
             "PurgeDeadLetters", request, dry_run,
             lambda m: PurgeResult(m.purged_count, m.not_found_count, m.dry_run),
@@ -1120,10 +1135,12 @@ class AsyncControlClient(_ClientBase):
         archived_before: datetime | None = None,
         dry_run: bool = False,
         operator: str | None = None,
+        all_dead_letters: bool = False,
     ) -> PurgeResult:
-        """Deletes dead letters chosen by ids or by filter criteria (dry_run: only count them)."""
+        """Deletes dead letters chosen by ids or by filter criteria, or every one with
+        ``all_dead_letters=True`` (dry_run: only count them)."""
         where = _filter(topic, key, reason, archived_after, archived_before)
-        return await self._run(self._calls.purge(ids, where, dry_run, operator))
+        return await self._run(self._calls.purge(ids, where, dry_run, operator, all_dead_letters))
 
 
 class ControlClient(_ClientBase):
@@ -1294,8 +1311,10 @@ class ControlClient(_ClientBase):
         archived_before: datetime | None = None,
         dry_run: bool = False,
         operator: str | None = None,
+        all_dead_letters: bool = False,
     ) -> PurgeResult:
-        """Deletes dead letters chosen by ids or by filter criteria (dry_run: only count them)."""
+        """Deletes dead letters chosen by ids or by filter criteria, or every one with
+        ``all_dead_letters=True`` (dry_run: only count them)."""
         where = _filter(topic, key, reason, archived_after, archived_before)
-        return self._run(self._calls.purge(ids, where, dry_run, operator))
+        return self._run(self._calls.purge(ids, where, dry_run, operator, all_dead_letters))
 

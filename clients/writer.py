@@ -12,19 +12,24 @@ Supported connections: SQLAlchemy ``Session`` and ``Connection``, psycopg 3 ``Co
 ``enqueue`` / ``enqueue_many``); SQLAlchemy ``AsyncSession`` and ``AsyncConnection``, asyncpg
 ``Connection`` (pool connections too) and psycopg 3 ``AsyncConnection`` (with ``aenqueue`` /
 ``aenqueue_many``). None of those libraries is imported here unless you use it.
+
+A ``message_id`` identifies one event: writing it again with the same topic, key, payload and
+headers is an idempotent no-op (``inserted=False``); writing it with different content raises
+`OutboxConflictError`. Every input is checked before the database is touched (types, sizes, NUL
+characters, lone surrogates): a bad one raises `OutboxValidationError`. Both derive from
+`OutboxWriterError`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
-
-from relay.config import validate_schema_name
 
 try:
     from opentelemetry import propagate as _otel_propagate
@@ -35,37 +40,88 @@ except ImportError:  # pragma: no cover - tracing is optional for applications
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_HEADERS_BYTES",
+    "MAX_HEADER_COUNT",
+    "MAX_HEADER_NAME_BYTES",
+    "MAX_KEY_BYTES",
+    "MAX_TOPIC_LENGTH",
     "EnqueueResult",
+    "OutboxConflictError",
     "OutboxEvent",
     "OutboxValidationError",
+    "OutboxWriterError",
     "aenqueue",
     "aenqueue_many",
     "enqueue",
     "enqueue_many",
 ]
 
+# The size of an event: payload + key + every header name and value, in bytes (UTF-8). Kafka's default
+# message limit (message.max.bytes, ~1 MiB) leaves room for the record overhead beyond this.
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
-MAX_TOPIC_LENGTH = 249
+MAX_TOPIC_LENGTH = 249  # characters: Kafka's limit, and the table's CHECK constraint
+# Keys sit in btree indexes (outbox retries, dead letters) whose entries cannot exceed ~2.7 kB.
+MAX_KEY_BYTES = 1024
+MAX_HEADER_COUNT = 64  # the headers you pass; the writer may add content-type and trace context
+MAX_HEADER_NAME_BYTES = 256
+MAX_HEADERS_BYTES = 16_384  # all header names and values together, those the writer adds included
 JSON_CONTENT_TYPE = "application/json"
+# Trace context differs between attempts of one request: not part of what makes two events the same.
+_PER_ATTEMPT_HEADERS = ("traceparent", "tracestate")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # as relay.config.validate_schema_name
 
 # One statement for one event or many: a single round trip whatever the batch size.
 # WITH ORDINALITY + ORDER BY make ids follow input order by definition rather than by plan, which
 # per-key delivery order depends on. CAST(... AS ...) rather than '::' because SQLAlchemy's text()
 # would read '::' after a bind name as part of it. Headers travel as text[] so an application's
 # custom jsonb codec (asyncpg set_type_codec) cannot re-encode them.
-_INSERT_SQL = """
-INSERT INTO {schema}.outbox (message_id, topic, key, payload, headers)
-SELECT e.message_id, e.topic, e.key, e.payload, e.headers
-FROM unnest(
+_EVENTS = """unnest(
     CAST({p[0]} AS uuid[]),
     CAST({p[1]} AS text[]),
     CAST({p[2]} AS text[]),
     CAST({p[3]} AS bytea[]),
     CAST(CAST({p[4]} AS text[]) AS jsonb[])
-) WITH ORDINALITY AS e(message_id, topic, key, payload, headers, position)
+) WITH ORDINALITY AS e(message_id, topic, key, payload, headers, position)"""
+
+# How the stored event o differs from the event e being written: the names of the differing fields,
+# an empty array when they are the same event (trace context excluded, see _PER_ATTEMPT_HEADERS).
+_DIFFERENCES = """array_remove(ARRAY[
+    CASE WHEN o.topic <> e.topic THEN 'topic' END,
+    CASE WHEN o.key IS DISTINCT FROM e.key THEN 'key' END,
+    CASE WHEN o.payload <> e.payload THEN 'payload' END,
+    CASE WHEN o.headers - ARRAY['traceparent', 'tracestate'] <> e.headers - ARRAY['traceparent', 'tracestate']
+         THEN 'headers' END
+], NULL)"""
+
+# One row per distinct message_id, in input order: (message_id, new id or NULL, differences or NULL).
+# For a message_id that already existed, the sub-select compares the stored row with the new event in
+# the same round trip; it reads the statement's snapshot, which does not show a row that a concurrent
+# transaction committed meanwhile (ON CONFLICT waited for it): then differences is NULL and
+# _COMPARE_SQL, run as a new statement, sees it.
+_INSERT_SQL = """
+WITH e AS (
+    SELECT * FROM {events}
+),
+inserted AS (
+    INSERT INTO {schema}.outbox (message_id, topic, key, payload, headers)
+    SELECT e.message_id, e.topic, e.key, e.payload, e.headers
+    FROM e
+    ORDER BY e.position
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING id, message_id
+)
+SELECT e.message_id, i.id,
+       CASE WHEN i.id IS NULL THEN (
+           SELECT {differences} FROM {schema}.outbox o WHERE o.message_id = e.message_id
+       ) END AS differences
+FROM e LEFT JOIN inserted i ON i.message_id = e.message_id
 ORDER BY e.position
-ON CONFLICT (message_id) DO NOTHING
-RETURNING id, message_id
+"""
+
+_COMPARE_SQL = """
+SELECT e.message_id, CAST(NULL AS bigint) AS id, {differences} AS differences
+FROM {events} JOIN {schema}.outbox o ON o.message_id = e.message_id
+ORDER BY e.position
 """
 
 _PARAM_NAMES = ("message_ids", "topics", "keys", "payloads", "headers")
@@ -74,8 +130,37 @@ _PSYCOPG_PLACEHOLDERS = ("%s",) * 5
 _SQLALCHEMY_PLACEHOLDERS = tuple(f":{name}" for name in _PARAM_NAMES)
 
 
-class OutboxValidationError(ValueError):
+class OutboxWriterError(Exception):
+    """Base class of the errors the writer raises for an event it cannot write."""
+
+
+class OutboxValidationError(OutboxWriterError, ValueError):
     """An event was rejected before anything was sent to the database."""
+
+
+class OutboxConflictError(OutboxWriterError):
+    """A ``message_id`` was written again with a different topic, key, payload or headers.
+
+    A message_id identifies one event: repeating it with the same content is an idempotent retry,
+    with other content it is a bug (two events sharing an id would be de-duplicated by consumers).
+    ``conflicts`` maps each such message_id to the names of the fields that differ (``topic``,
+    ``key``, ``payload``, ``headers``; the trace-context headers ``traceparent`` and ``tracestate``
+    are not compared). ``message_ids`` lists them in input order.
+
+    When the clash is within one `enqueue_many` call, nothing was sent. When the stored row is the
+    other side, the statement has run: the events of the call that did not conflict were inserted in
+    your transaction, as by a call without them. Roll back, or commit them knowingly.
+    """
+
+    def __init__(self, conflicts: Mapping[uuid.UUID, Sequence[str]], *, within_call: bool = False) -> None:
+        self.conflicts: dict[uuid.UUID, tuple[str, ...]] = {mid: tuple(f) for mid, f in conflicts.items()}
+        self.message_ids: tuple[uuid.UUID, ...] = tuple(self.conflicts)
+        first, fields = next(iter(self.conflicts.items()))
+        where = "appears twice in this call" if within_call else "is already in the outbox"
+        text = f"message_id {first} {where} with a different {' and '.join(fields)}"
+        if len(self.conflicts) > 1:
+            text += f" (and {len(self.conflicts) - 1} more message_ids conflict)"
+        super().__init__(text + "; reuse a message_id only to retry the same event")
 
 
 @dataclass(frozen=True)
@@ -93,8 +178,9 @@ class OutboxEvent:
 class EnqueueResult:
     """What happened to one event.
 
-    ``inserted`` is False when a row with this ``message_id`` already existed (or appeared earlier
-    in the same `enqueue_many` call): nothing was written and ``id`` is None. Otherwise ``id`` is
+    ``inserted`` is False when this event (same ``message_id``, topic, key, payload and headers)
+    already existed, or appeared earlier in the same `enqueue_many` call: nothing was written and
+    ``id`` is None. (Other content under an existing message_id raises `OutboxConflictError`.) Otherwise ``id`` is
     the new row's id, which orders events for the relay.
     """
 
@@ -109,7 +195,8 @@ class _Row:
     topic: str
     key: str | None
     payload: bytes
-    headers: str
+    headers: str  # compact JSON
+    compared_headers: dict[str, str]  # the headers that identify the event (no trace context)
 
 
 _Records = Sequence[Sequence[Any]]
@@ -140,15 +227,28 @@ def enqueue(
     unless you set one). ``None`` is rejected: pass ``b""`` for an empty payload.
 
     ``key`` orders events: those with the same topic and key are delivered in the order of their
-    row ids (``EnqueueResult.id``). ``headers`` is a dict of str to str. When an OpenTelemetry span is active its context
-    is added as ``traceparent`` (and ``tracestate``) unless you pass your own ``traceparent``.
+    row ids (``EnqueueResult.id``); at most `MAX_KEY_BYTES` (1024) bytes in UTF-8. ``headers`` is a
+    dict of str to str: at most `MAX_HEADER_COUNT` (64) entries, names of at most
+    `MAX_HEADER_NAME_BYTES` (256) bytes, and `MAX_HEADERS_BYTES` (16 KiB) of names and values in
+    all. When an OpenTelemetry span is active its context is added as ``traceparent`` (and
+    ``tracestate``) unless you pass your own ``traceparent``.
+
+    ``max_payload_bytes`` bounds the whole event: payload + key + header names and values (the
+    headers added here included), in bytes.
 
     ``message_id`` (a UUID, or a str holding one) makes the call idempotent: if a row with that id
-    already exists nothing is written and the result has ``inserted=False``. Without it a random
-    UUID is generated and returned in the result.
+    already exists with the same topic, key, payload and headers (``traceparent``/``tracestate``
+    aside), nothing is written and the result has ``inserted=False``; if it exists with different
+    content, `OutboxConflictError` is raised. Without it a random UUID is generated and returned in
+    the result. This takes one round trip (a second one only when a concurrent transaction
+    committed the same message_id while this statement ran).
 
-    Raises `OutboxValidationError` (a ``ValueError``) for bad input before touching the database,
-    and ``TypeError`` for a connection type it does not support.
+    Raises `OutboxValidationError` (a ``ValueError``) for bad input before touching the database:
+    wrong types, empty or over-long topic, sizes over the limits above, NUL characters in the
+    topic, key or headers (PostgreSQL text cannot hold them), lone surrogates in any string
+    (they have no UTF-8 encoding), an invalid UUID or schema name. Raises `OutboxConflictError` as
+    above, and ``TypeError`` for a connection type it does not support. Both errors derive from
+    `OutboxWriterError`. Database errors are the driver's own.
     """
     event = OutboxEvent(topic, payload, key=key, headers=headers, message_id=message_id)
     return _write(conn, [event], schema, max_payload_bytes, indexed=False)[0]
@@ -165,8 +265,11 @@ def enqueue_many(
 
     Every event is validated first, so one bad event means none is sent. Results are in input order
     and the new rows' ids follow input order too. An empty ``events`` does not touch the database.
-    A ``message_id`` that appears more than once is written once: its first occurrence reports the
-    outcome and the others ``inserted=False``. See `enqueue` for the meaning of each field.
+    A ``message_id`` that appears more than once with the same content is written once: its first
+    occurrence reports the outcome and the others ``inserted=False``; with different content it
+    raises `OutboxConflictError` before anything is sent. A ``message_id`` already stored with
+    different content raises `OutboxConflictError` after the statement ran, the other events of the
+    call having been inserted (see its docstring). See `enqueue` for the meaning of each field.
     """
     return _write(conn, events, schema, max_payload_bytes, indexed=True)
 
@@ -202,21 +305,29 @@ async def aenqueue_many(
 def _write(
     conn: Any, events: Iterable[OutboxEvent], schema: str, max_payload_bytes: int, *, indexed: bool
 ) -> list[EnqueueResult]:
-    insert = _resolve(conn, _SYNC_DRIVERS, other=_ASYNC_DRIVERS, hint="aenqueue / aenqueue_many")
+    run = _resolve(conn, _SYNC_DRIVERS, other=_ASYNC_DRIVERS, hint="aenqueue / aenqueue_many")
     table, rows = _prepare(schema, events, max_payload_bytes, indexed=indexed)
     if not rows:
         return []
-    return _results(rows, insert(conn, table, _columns(rows)))
+    unique = _unique(rows)
+    outcome = _Outcome(run(conn, _INSERT_SQL, table, _columns(unique)))
+    if outcome.unseen:
+        outcome.compared(run(conn, _COMPARE_SQL, table, _columns(outcome.rows(unique))))
+    return outcome.results(rows)
 
 
 async def _awrite(
     conn: Any, events: Iterable[OutboxEvent], schema: str, max_payload_bytes: int, *, indexed: bool
 ) -> list[EnqueueResult]:
-    insert = _resolve(conn, _ASYNC_DRIVERS, other=_SYNC_DRIVERS, hint="enqueue / enqueue_many")
+    run = _resolve(conn, _ASYNC_DRIVERS, other=_SYNC_DRIVERS, hint="enqueue / enqueue_many")
     table, rows = _prepare(schema, events, max_payload_bytes, indexed=indexed)
     if not rows:
         return []
-    return _results(rows, await insert(conn, table, _columns(rows)))
+    unique = _unique(rows)
+    outcome = _Outcome(await run(conn, _INSERT_SQL, table, _columns(unique)))
+    if outcome.unseen:
+        outcome.compared(await run(conn, _COMPARE_SQL, table, _columns(outcome.rows(unique))))
+    return outcome.results(rows)
 
 
 # --- validation and encoding --------------------------------------------------------------------
@@ -242,27 +353,48 @@ def _prepare(
     return table, rows
 
 
-def _quoted_schema(schema: str) -> str:
-    try:
-        return f'"{validate_schema_name(schema)}"'
-    except (ValueError, TypeError) as error:
-        raise OutboxValidationError(str(error)) from None
+def _quoted_schema(schema: object) -> str:
+    if not isinstance(schema, str):
+        raise OutboxValidationError(f"schema must be a str, got {type(schema).__name__}")
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise OutboxValidationError(
+            f"schema name {schema!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)"
+        )
+    return f'"{schema}"'
 
 
 def _validate(event: object, max_payload_bytes: int) -> _Row:
     if not isinstance(event, OutboxEvent):
         raise OutboxValidationError(f"expected an OutboxEvent, got {type(event).__name__}")
+    message_id = _check_message_id(event.message_id)
+    topic = _check_topic(event.topic)
+    key, key_size = _check_key(event.key)
     payload, is_json = _encode_payload(event.payload, max_payload_bytes)
     headers = _check_headers(event.headers)
+    compared_headers = {name: value for name, value in headers.items() if name not in _PER_ATTEMPT_HEADERS}
     if is_json and not _has_header(headers, "content-type"):
         headers["content-type"] = JSON_CONTENT_TYPE
+        compared_headers["content-type"] = JSON_CONTENT_TYPE
     _add_trace_context(headers)
+    headers_size = sum(len(_utf8(name)) + len(_utf8(value)) for name, value in headers.items())
+    if headers_size > MAX_HEADERS_BYTES:
+        raise OutboxValidationError(
+            f"headers are {headers_size} bytes (names and values, those added by the writer included); "
+            f"the limit is {MAX_HEADERS_BYTES}"
+        )
+    size = len(payload) + key_size + headers_size
+    if size > max_payload_bytes:
+        raise OutboxValidationError(
+            f"event is {size} bytes (payload {len(payload)} + key {key_size} + headers {headers_size}); "
+            f"the limit (max_payload_bytes) is {max_payload_bytes}"
+        )
     return _Row(
-        message_id=_check_message_id(event.message_id),
-        topic=_check_topic(event.topic),
-        key=_check_key(event.key),
+        message_id=message_id,
+        topic=topic,
+        key=key,
         payload=payload,
         headers=json.dumps(headers, separators=(",", ":")),
+        compared_headers=compared_headers,
     )
 
 
@@ -277,19 +409,31 @@ def _check_topic(topic: object) -> str:
     return topic
 
 
-def _check_key(key: object) -> str | None:
+def _check_key(key: object) -> tuple[str | None, int]:
+    """The key and its size in bytes."""
     if key is None:
-        return None
+        return None, 0
     if not isinstance(key, str):
         raise OutboxValidationError(f"key must be a str or None, got {type(key).__name__}")
-    _check_text("key", key)
-    return key
+    size = _check_text("key", key)
+    if size > MAX_KEY_BYTES:
+        raise OutboxValidationError(f"key is {size} bytes in UTF-8; the limit is {MAX_KEY_BYTES}")
+    return key, size
 
 
-def _check_text(what: str, value: str) -> None:
+def _check_text(what: str, value: str) -> int:
+    """The UTF-8 size of a string bound for a PostgreSQL text or jsonb value, which must be valid."""
     # PostgreSQL text and jsonb cannot hold NUL; better a clear error here than a driver error later.
     if "\x00" in value:
         raise OutboxValidationError(f"{what} must not contain NUL characters")
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        raise OutboxValidationError(f"{what} is not valid Unicode: {_surrogate(error)}") from None
+
+
+def _surrogate(error: UnicodeEncodeError) -> str:
+    return f"lone surrogate {error.object[error.start]!r} at index {error.start}"
 
 
 def _encode_payload(payload: object, limit: int) -> tuple[bytes, bool]:
@@ -302,7 +446,12 @@ def _encode_payload(payload: object, limit: int) -> tuple[bytes, bool]:
     elif isinstance(payload, memoryview):
         data = payload.tobytes()
     elif isinstance(payload, str):
-        data = _utf8(payload)
+        try:
+            data = payload.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise OutboxValidationError(
+                f"payload str cannot be encoded as UTF-8: {_surrogate(error)}"
+            ) from None
     elif payload is None:
         raise OutboxValidationError("payload is None: pass b'' for an empty payload, or a value for JSON")
     else:
@@ -313,21 +462,30 @@ def _encode_payload(payload: object, limit: int) -> tuple[bytes, bool]:
 
 
 def _utf8(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise OutboxValidationError(f"payload str cannot be encoded as UTF-8: {error}") from error
+    return text.encode("utf-8")  # only for strings _check_text or _json accepted
 
 
 def _json(value: object) -> bytes:
     try:
         # allow_nan=False: NaN/Infinity are not JSON and consumers in other languages reject them.
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError) as error:
         raise OutboxValidationError(
             f"payload of type {type(value).__name__} cannot be JSON-encoded ({error}); "
             "pass bytes or str, or a JSON-serialisable value"
         ) from error
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # ensure_ascii would write it as a \udXXX escape, which JSON parsers reject or mangle.
+        raise OutboxValidationError(
+            f"payload of type {type(value).__name__} cannot be JSON-encoded: a string in it has a "
+            f"{_surrogate(error)} of the JSON text"
+        ) from None
+    if text.isascii() and "\x7f" not in text:
+        return data  # what ensure_ascii=True writes too
+    # Non-ASCII text is stored \u-escaped, as always, so that a retry compares equal to older rows.
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def _check_headers(headers: object) -> dict[str, str]:
@@ -335,13 +493,20 @@ def _check_headers(headers: object) -> dict[str, str]:
         return {}
     if not isinstance(headers, Mapping):
         raise OutboxValidationError(f"headers must be a dict of str to str, got {type(headers).__name__}")
+    if len(headers) > MAX_HEADER_COUNT:
+        raise OutboxValidationError(f"headers has {len(headers)} entries; the limit is {MAX_HEADER_COUNT}")
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise OutboxValidationError(
                 f"headers must be a dict of str to str; header {name!r} has a "
                 f"{type(name).__name__} name and a {type(value).__name__} value"
             )
-        _check_text(f"header {name!r}", name + value)
+        size = _check_text(f"header name {name!r}", name)
+        if size > MAX_HEADER_NAME_BYTES:
+            raise OutboxValidationError(
+                f"header name {name[:40]!r}... is {size} bytes in UTF-8; the limit is {MAX_HEADER_NAME_BYTES}"
+            )
+        _check_text(f"header {name!r} value", value)
     return dict(headers)
 
 
@@ -376,75 +541,132 @@ def _check_message_id(message_id: object) -> uuid.UUID:
 # --- statement parameters and results -----------------------------------------------------------
 
 
-def _columns(rows: list[_Row]) -> dict[str, list[Any]]:
-    # Only the first occurrence of a message_id is sent, so the statement never conflicts with itself.
+def _unique(rows: list[_Row]) -> list[_Row]:
+    """The first occurrence of each message_id, so that the statement never conflicts with itself;
+    raises OutboxConflictError when a later occurrence is a different event."""
     first: dict[uuid.UUID, _Row] = {}
+    conflicts: dict[uuid.UUID, tuple[str, ...]] = {}
     for row in rows:
-        first.setdefault(row.message_id, row)
-    unique = list(first.values())
+        earlier = first.setdefault(row.message_id, row)
+        differences = _differences(earlier, row)
+        if differences and row.message_id not in conflicts:
+            conflicts[row.message_id] = differences
+    if conflicts:
+        raise OutboxConflictError(conflicts, within_call=True)
+    return list(first.values())
+
+
+def _differences(a: _Row, b: _Row) -> tuple[str, ...]:
+    # The fields _DIFFERENCES compares in SQL, in the same order.
+    same = (
+        a.topic == b.topic,
+        a.key == b.key,
+        a.payload == b.payload,
+        a.compared_headers == b.compared_headers,
+    )
+    return tuple(
+        name for name, equal in zip(("topic", "key", "payload", "headers"), same, strict=True) if not equal
+    )
+
+
+def _columns(rows: list[_Row]) -> dict[str, list[Any]]:
     # UUIDs go as text: every driver (even psycopg2 under SQLAlchemy) can send a str[].
     columns = (
-        [str(row.message_id) for row in unique],
-        [row.topic for row in unique],
-        [row.key for row in unique],
-        [row.payload for row in unique],
-        [row.headers for row in unique],
+        [str(row.message_id) for row in rows],
+        [row.topic for row in rows],
+        [row.key for row in rows],
+        [row.payload for row in rows],
+        [row.headers for row in rows],
     )
-    # Positional drivers rely on this order, which is that of the placeholders in _INSERT_SQL.
+    # Positional drivers rely on this order, which is that of the placeholders in _EVENTS.
     return dict(zip(_PARAM_NAMES, columns, strict=True))
 
 
-def _results(rows: list[_Row], records: _Records) -> list[EnqueueResult]:
-    # Drivers return their own UUID types (or str); normalise before matching.
-    new_ids = {uuid.UUID(str(message_id)): int(row_id) for row_id, message_id in records}
-    results = []
-    for row in rows:
-        # pop: a repeated message_id reports inserted=False after its first occurrence.
-        row_id = new_ids.pop(row.message_id, None)
-        results.append(EnqueueResult(message_id=row.message_id, inserted=row_id is not None, id=row_id))
-    return results
+class _Outcome:
+    """What the statements said about each distinct message_id."""
+
+    def __init__(self, records: _Records) -> None:
+        self.ids: dict[uuid.UUID, int] = {}  # inserted, with the new row's id
+        self.differences: dict[uuid.UUID, tuple[str, ...]] = {}  # existed: () when the same event
+        self.unseen: set[uuid.UUID] = set()  # existed, but committed after the statement's snapshot
+        for message_id, row_id, differences in records:
+            # Drivers return their own UUID types (or str); normalise before matching.
+            key = uuid.UUID(str(message_id))
+            if row_id is not None:
+                self.ids[key] = int(row_id)
+            elif differences is None:
+                self.unseen.add(key)
+            else:
+                self.differences[key] = tuple(differences)
+
+    def rows(self, unique: list[_Row]) -> list[_Row]:
+        """The rows to compare again, in a statement that sees what was committed meanwhile."""
+        return [row for row in unique if row.message_id in self.unseen]
+
+    def compared(self, records: _Records) -> None:
+        for message_id, _, differences in records:
+            self.differences[uuid.UUID(str(message_id))] = tuple(differences)
+        # A row still unseen was deleted (published) since: nothing left to compare; a duplicate.
+        self.unseen.clear()
+
+    def results(self, rows: list[_Row]) -> list[EnqueueResult]:
+        conflicts = {mid: fields for mid, fields in self.differences.items() if fields}
+        if conflicts:
+            ordered = {
+                row.message_id: conflicts[row.message_id] for row in rows if row.message_id in conflicts
+            }
+            raise OutboxConflictError(ordered)
+        results = []
+        for row in rows:
+            # pop: a repeated message_id reports inserted=False after its first occurrence.
+            row_id = self.ids.pop(row.message_id, None)
+            results.append(EnqueueResult(message_id=row.message_id, inserted=row_id is not None, id=row_id))
+        return results
 
 
 @cache
-def _sql(table: str, placeholders: tuple[str, ...]) -> str:
-    return _INSERT_SQL.format(schema=table, p=placeholders)
+def _sql(statement: str, table: str, placeholders: tuple[str, ...]) -> str:
+    events = _EVENTS.format(p=placeholders)
+    return statement.format(schema=table, events=events, differences=_DIFFERENCES)
 
 
 # --- driver adapters ----------------------------------------------------------------------------
+# Each runs one statement (_INSERT_SQL or _COMPARE_SQL) with its driver's placeholders and returns
+# its rows as tuples.
 
 
-def _sqlalchemy_insert(conn: Any, table: str, params: dict[str, list[Any]]) -> _Records:
+def _sqlalchemy_run(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
     from sqlalchemy import text
 
-    return list(conn.execute(text(_sql(table, _SQLALCHEMY_PLACEHOLDERS)), params).all())
+    return list(conn.execute(text(_sql(statement, table, _SQLALCHEMY_PLACEHOLDERS)), params).all())
 
 
-async def _sqlalchemy_ainsert(conn: Any, table: str, params: dict[str, list[Any]]) -> _Records:
+async def _sqlalchemy_arun(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
     from sqlalchemy import text
 
-    result = await conn.execute(text(_sql(table, _SQLALCHEMY_PLACEHOLDERS)), params)
+    result = await conn.execute(text(_sql(statement, table, _SQLALCHEMY_PLACEHOLDERS)), params)
     return list(result.all())
 
 
-def _psycopg_insert(conn: Any, table: str, params: dict[str, list[Any]]) -> _Records:
+def _psycopg_run(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
     from psycopg.rows import tuple_row
 
     # tuple_row: the application may have set a dict row factory on its connection.
     with conn.cursor(row_factory=tuple_row) as cursor:
-        cursor.execute(_sql(table, _PSYCOPG_PLACEHOLDERS), list(params.values()))
+        cursor.execute(_sql(statement, table, _PSYCOPG_PLACEHOLDERS), list(params.values()))
         return list(cursor.fetchall())
 
 
-async def _psycopg_ainsert(conn: Any, table: str, params: dict[str, list[Any]]) -> _Records:
+async def _psycopg_arun(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
     from psycopg.rows import tuple_row
 
     async with conn.cursor(row_factory=tuple_row) as cursor:
-        await cursor.execute(_sql(table, _PSYCOPG_PLACEHOLDERS), list(params.values()))
+        await cursor.execute(_sql(statement, table, _PSYCOPG_PLACEHOLDERS), list(params.values()))
         return list(await cursor.fetchall())
 
 
-async def _asyncpg_insert(conn: Any, table: str, params: dict[str, list[Any]]) -> _Records:
-    return list(await conn.fetch(_sql(table, _ASYNCPG_PLACEHOLDERS), *params.values()))
+async def _asyncpg_run(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
+    return list(await conn.fetch(_sql(statement, table, _ASYNCPG_PLACEHOLDERS), *params.values()))
 
 
 _Driver = tuple[str, str, Callable[..., Any]]
@@ -452,15 +674,15 @@ _Driver = tuple[str, str, Callable[..., Any]]
 # (module, class, adapter). Only modules the application already imported are consulted: an object
 # of a class implies its module is loaded, and so no optional library is ever imported here.
 _SYNC_DRIVERS: tuple[_Driver, ...] = (
-    ("sqlalchemy.orm", "Session", _sqlalchemy_insert),
-    ("sqlalchemy.engine", "Connection", _sqlalchemy_insert),
-    ("psycopg", "Connection", _psycopg_insert),
+    ("sqlalchemy.orm", "Session", _sqlalchemy_run),
+    ("sqlalchemy.engine", "Connection", _sqlalchemy_run),
+    ("psycopg", "Connection", _psycopg_run),
 )
 _ASYNC_DRIVERS: tuple[_Driver, ...] = (
-    ("sqlalchemy.ext.asyncio", "AsyncSession", _sqlalchemy_ainsert),
-    ("sqlalchemy.ext.asyncio", "AsyncConnection", _sqlalchemy_ainsert),
-    ("asyncpg", "Connection", _asyncpg_insert),
-    ("psycopg", "AsyncConnection", _psycopg_ainsert),
+    ("sqlalchemy.ext.asyncio", "AsyncSession", _sqlalchemy_arun),
+    ("sqlalchemy.ext.asyncio", "AsyncConnection", _sqlalchemy_arun),
+    ("asyncpg", "Connection", _asyncpg_run),
+    ("psycopg", "AsyncConnection", _psycopg_arun),
 )
 
 

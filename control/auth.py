@@ -12,7 +12,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ _BEARER = "bearer "
 class Principal:
     name: str
     can_mutate: bool
+    # What the server verified about the caller, for the audit log (see client_identity); set per call.
+    identity: str = ""
 
 
 ADMIN = Principal("admin", can_mutate=True)
@@ -78,20 +80,24 @@ def load_tokens(
         admin=_token("admin_token", admin, admin_file),
     )
     if tokens.read is not None and tokens.read == tokens.admin:
-        raise ValueError("the read and admin tokens must differ")
+        raise ValueError("OUTBOX_CONTROL_READ_TOKEN: must differ from the admin token")
     return tokens
 
 
 def _token(name: str, value: SecretStr | None, path: Path | None) -> bytes | None:
+    # Each message names the variable (OUTBOX_CONTROL_<NAME>) and never the token.
+    variable = f"OUTBOX_CONTROL_{name.upper()}"
     if value is not None and path is not None:
-        raise ValueError(f"set {name} or {name}_file, not both")
+        raise ValueError(f"{variable}: set {variable} or {variable}_FILE, not both")
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8").strip()
         except OSError as error:
-            raise ValueError(f"cannot read {name}_file {path}: {error.strerror}") from None
+            raise ValueError(f"{variable}_FILE: cannot read {name}_file {path} ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{variable}_FILE: {name}_file {path} is not UTF-8 text") from None
         if not text:
-            raise ValueError(f"{name}_file {path} is empty")
+            raise ValueError(f"{variable}_FILE: {name}_file {path} is empty")
         return text.encode()
     text = value.get_secret_value().strip() if value is not None else ""
     return text.encode() if text else None
@@ -167,7 +173,7 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grp
     behavior = handler.unary_unary
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = _current.set(principal)
+        token = _current.set(replace(principal, identity=client_identity(principal, context)))
         try:
             return await behavior(request, context)
         finally:
@@ -176,6 +182,22 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grp
     return grpc.unary_unary_rpc_method_handler(
         call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
+
+
+def client_identity(principal: Principal, context: grpc.aio.ServicerContext) -> str:
+    """Who the transport and the token prove the caller is, unlike the self-declared operator:
+    'cn:<subject CN>' when the caller presented a client certificate the server verified (mTLS: the
+    server only asks for one, and gRPC only reports it, when OUTBOX_CONTROL_TLS_CLIENT_CA is set),
+    else 'token:<role>' of the bearer token, or 'anonymous' when authentication is off."""
+    try:
+        names = context.auth_context().get("x509_common_name") or []
+    except Exception:  # a context without transport details (e.g. in-process tests): no certificate
+        names = []
+    if names:
+        name = names[0]
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        return "cn:" + "".join(c if c.isprintable() else "?" for c in text)[:200]
+    return "anonymous" if principal is ANONYMOUS or principal.name == ANONYMOUS.name else f"token:{principal.name}"
 
 
 def _deny(handler: grpc.RpcMethodHandler, error: ControlError) -> grpc.RpcMethodHandler:

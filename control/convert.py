@@ -157,4 +157,5 @@ def audit_entry(value: AuditEntry) -> pb.AuditEntry:
         action=value.action,
         arguments_json=value.arguments_json,
         result_json=value.result_json,
+        client_identity=value.client_identity or "",
     )

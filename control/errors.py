@@ -50,7 +50,14 @@ STATUS_TABLE: dict[type[BaseException], Status] = {
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: Status(grpc.StatusCode.PERMISSION_DENIED),
     TimeoutError: Status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the database"),
-    asyncpg.QueryCanceledError: Status(grpc.StatusCode.DEADLINE_EXCEEDED, "the database cancelled the statement"),
+    asyncpg.QueryCanceledError: Status(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "the database cancelled the statement: it ran longer than the control plane allows"
+        " (OUTBOX_CONTROL_STATEMENT_TIMEOUT) or was cancelled by an operator",
+    ),
+    asyncpg.IdleInTransactionSessionTimeoutError: Status(
+        grpc.StatusCode.UNAVAILABLE, "the database ended an idle transaction; retry"
+    ),
     asyncpg.LockNotAvailableError: Status(grpc.StatusCode.ABORTED, "a row is locked by another transaction; retry"),
     asyncpg.DeadlockDetectedError: Status(grpc.StatusCode.ABORTED, "deadlock with another transaction; retry"),
     asyncpg.SerializationError: Status(grpc.StatusCode.ABORTED, "conflict with another transaction; retry"),

@@ -32,6 +32,8 @@ class Audit:
     actor: str
     action: str
     arguments: dict[str, Any]
+    # Verified by the server (mTLS certificate CN or token role), unlike the operator in `actor`.
+    client_identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,14 +167,18 @@ class DeadLetterFilter:
 
 @dataclass(frozen=True)
 class Selection:
-    """Dead letters chosen by id (sorted, unique) or by a non-empty filter; exactly one is set."""
+    """Dead letters chosen by id (sorted, unique), by a non-empty filter, or all of them (purge only,
+    asked for explicitly); exactly one is set."""
 
     ids: list[int] | None = None
     filter: DeadLetterFilter | None = None
+    everything: bool = False
 
     def as_json(self) -> dict[str, Any]:
         if self.ids is not None:
             return {"ids": self.ids}
+        if self.everything:
+            return {"all_dead_letters": True}
         return {"filter": self.filter.as_json() if self.filter else {}}
 
 
@@ -268,3 +274,4 @@ class AuditEntry:
     action: str
     arguments_json: str
     result_json: str
+    client_identity: str | None = None

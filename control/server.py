@@ -21,11 +21,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.auth import CONTROL_SERVICE, AuthInterceptor, Tokens, load_tokens
+from control.limits import CallLimits
 from control.metrics import MetricsInterceptor
 from control.servicer import ControlServicer
 from control.store import ControlStore, ReplayPacing
 from relay.config import DatabaseSettings
-from relay.dburl import plain_postgres_url
+from relay.dburl import plain_postgres_url, remember_secret
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,53 @@ class ControlSettings(BaseSettings):
     instance_timeout: float = Field(
         30.0, gt=0, description="Seconds without heartbeat before an instance is gone."
     )
-    pool_size: int = Field(4, ge=1, description="Database connections, when the server owns its pool.")
+    pool_size: int = Field(
+        4, ge=1, description="Database connections of the control plane's own pool (also inside `run`)."
+    )
+    statement_timeout: float = Field(
+        5.0, gt=0, description="Seconds a control-plane SQL statement may run before the database cancels it."
+    )
+    lock_timeout: float = Field(2.0, gt=0, description="Seconds a control-plane statement waits for a row lock.")
+    idle_in_transaction_timeout: float = Field(
+        10.0, gt=0, description="Seconds a control-plane transaction may sit idle before the database ends it."
+    )
+    max_concurrent_rpcs: int = Field(
+        16, ge=1, description="ControlService calls served at once; more are refused with RESOURCE_EXHAUSTED."
+    )
+    max_deadline: float = Field(
+        30.0, gt=0, description="Longest a call may run, whatever deadline the client sets (or none)."
+    )
+    status_cache_ttl: float = Field(
+        2.0, ge=0, description="Seconds GetStatus reuses its backlog and dead-letter figures (0: per call)."
+    )
+    count_limit: int = Field(
+        1_000_000, ge=1, description="Rows GetStatus counts at most for the backlog and for dead letters."
+    )
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get on stop.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        # Messages name the variables, never their values (relay.config_errors prints them).
+        for token in (self.read_token, self.admin_token):
+            if token is not None:
+                remember_secret(token.get_secret_value())
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY go together")
+            missing = "OUTBOX_CONTROL_TLS_KEY" if self.tls_key is None else "OUTBOX_CONTROL_TLS_CERT"
+            raise ValueError(
+                f"{missing}: is not set; OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY go together"
+            )
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("OUTBOX_CONTROL_TLS_CLIENT_CA needs OUTBOX_CONTROL_TLS_CERT and _KEY")
+            raise ValueError(
+                "OUTBOX_CONTROL_TLS_CLIENT_CA: needs OUTBOX_CONTROL_TLS_CERT and OUTBOX_CONTROL_TLS_KEY"
+            )
         self.tokens()  # token mistakes surface as a configuration error, before anything starts
         return self
 
     def tokens(self) -> Tokens:
-        return load_tokens(self.read_token, self.read_token_file, self.admin_token, self.admin_token_file)
+        tokens = load_tokens(self.read_token, self.read_token_file, self.admin_token, self.admin_token_file)
+        remember_secret(tokens.read)  # also when read from a file: redacted from any later message
+        remember_secret(tokens.admin)
+        return tokens
 
 
 def is_loopback(addr: str) -> bool:
@@ -110,8 +144,33 @@ def server_credentials(settings: ControlSettings) -> grpc.ServerCredentials | No
     )
 
 
+async def create_control_pool(settings: ControlSettings, database: DatabaseSettings) -> asyncpg.Pool:
+    """The control plane's own small pool, never the relay's: however busy the control plane is, the
+    relay's lease renewals and claims do not wait behind it for a connection. The database enforces the
+    limits on every connection, whatever the statement."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        plain_postgres_url(database.database_url.get_secret_value()),
+        min_size=1,
+        max_size=settings.pool_size,
+        statement_cache_size=getattr(database, "statement_cache_size", 100),
+        server_settings={
+            "application_name": "outbox-relay-control",
+            "statement_timeout": _millis(settings.statement_timeout),
+            "lock_timeout": _millis(settings.lock_timeout),
+            "idle_in_transaction_session_timeout": _millis(settings.idle_in_transaction_timeout),
+        },
+    )
+    return pool
+
+
+def _millis(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
 class ControlServer:
-    """Owns the grpc.aio server and, unless one is given, its asyncpg pool."""
+    """Owns the grpc.aio server and, unless one is given, its asyncpg pool.
+
+    Inside `outbox-relay run` it still opens a pool of its own (see create_control_pool)."""
 
     def __init__(
         self,
@@ -127,6 +186,7 @@ class ControlServer:
         self._pool = pool
         self._owns_pool = pool is None
         self._server: grpc.aio.Server | None = None
+        self._limits: CallLimits | None = None
         self._health: health.aio.HealthServicer | None = None
         self._port = 0
 
@@ -154,11 +214,7 @@ class ControlServer:
                 self.settings.addr,
             )
         if self._pool is None:
-            self._pool = await asyncpg.create_pool(
-                plain_postgres_url(self.database.database_url.get_secret_value()),
-                min_size=1,
-                max_size=self.settings.pool_size,
-            )
+            self._pool = await create_control_pool(self.settings, self.database)
         try:
             await self._start_grpc(tokens, credentials)
         except BaseException:
@@ -179,13 +235,25 @@ class ControlServer:
             self.database.schema_name,
             pacing=ReplayPacing(self.settings.replay_rate, self.settings.replay_batch_size),
             instance_timeout=self.settings.instance_timeout,
+            status_cache_ttl=self.settings.status_cache_ttl,
+            count_limit=self.settings.count_limit,
         )
-        # so_reuseport off: a second server on a taken port must fail instead of sharing it.
-        interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(tokens)]
+        # After authentication, so that callers without a valid token never take a slot.
+        self._limits = CallLimits(
+            self.settings.max_concurrent_rpcs, self.settings.max_deadline, on_mutation=store.invalidate_status
+        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(tokens), self._limits]
         if self._meter is not None:
             # Outermost, so denied calls are counted with their status too.
             interceptors.insert(0, MetricsInterceptor(self._meter))
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            # so_reuseport off: a second server on a taken port must fail instead of sharing it.
+            options=[("grpc.so_reuseport", 0)],
+            # A backstop for what CallLimits does not count (health checks, reflection, unauthenticated
+            # calls): gRPC refuses calls beyond it with RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=max(64, 4 * self.settings.max_concurrent_rpcs),
+        )
         pb_grpc.add_ControlServiceServicer_to_server(
             ControlServicer(store, max_page_size=self.settings.max_page_size), server
         )

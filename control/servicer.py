@@ -48,9 +48,16 @@ def _deadline(context: Context) -> Deadline:
 
 
 def _audit(action: str, operator: str, arguments: dict[str, Any]) -> Audit:
-    principal = current_principal().name
+    """`actor` is the role plus the operator the caller declares; `client_identity` is what the server
+    verified (the mTLS certificate's CN, else the token's role): see control.auth.client_identity."""
+    principal = current_principal()
     name = validation.operator(operator)
-    return Audit(actor=f"{principal}:{name}" if name else principal, action=action, arguments=arguments)
+    return Audit(
+        actor=f"{principal.name}:{name}" if name else principal.name,
+        action=action,
+        arguments=arguments,
+        client_identity=principal.identity or None,
+    )
 
 
 class ControlServicer(pb_grpc.ControlServiceServicer):
@@ -152,7 +159,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     async def PurgeDeadLetters(
         self, request: pb.PurgeDeadLettersRequest, context: Context
     ) -> pb.PurgeDeadLettersResponse:
-        selection = validation.selection(request)
+        selection = validation.purge_selection(request)
         audit = _audit("PurgeDeadLetters", request.operator, selection.as_json())
         result = await self._store.purge(selection, request.dry_run, audit, _deadline(context))
         return convert.purge_result(result)

@@ -33,6 +33,13 @@ _MAX_NANOS = 999_999_999
 # --- field checks ------------------------------------------------------------------------------
 
 
+def no_nul(value: str, field: str) -> str:
+    """PostgreSQL text cannot hold NUL: caught here, it is the caller's mistake, not an INTERNAL error."""
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain NUL (\\x00) characters")
+    return value
+
+
 def text(value: str, field: str, limit: int, *, required: bool = False, multiline: bool = False) -> str | None:
     """None for an empty optional value; the value itself when it passes."""
     if not value:
@@ -41,6 +48,7 @@ def text(value: str, field: str, limit: int, *, required: bool = False, multilin
         return None
     if len(value) > limit:
         raise InvalidArgument(field, f"is {len(value)} characters long; at most {limit} are allowed")
+    no_nul(value, field)
     allowed = "\n\t" if multiline else ""
     if any(unicodedata.category(c) == "Cc" and c not in allowed for c in value):
         raise InvalidArgument(field, "must not contain control characters")
@@ -126,10 +134,27 @@ def pause_target(request: pb.PauseRequest | pb.ResumeRequest) -> str:
     return pattern
 
 
+# Glob syntax the relay cannot honour: it translates patterns to SQL LIKE (relay.pauses.glob_to_like),
+# which knows '*' and '?' but no character classes. Rejected so that a pause listed as active is one
+# the relay obeys. (Resume still accepts them: a pattern stored before this check can be removed.)
+UNSUPPORTED_GLOB = "[]"
+
+
+def pause_pattern(pattern: str) -> str:
+    bad = sorted({c for c in pattern if c in UNSUPPORTED_GLOB})
+    if bad:
+        raise InvalidArgument(
+            "topic_pattern",
+            f"{' and '.join(repr(c) for c in bad)} are not supported: character classes ([...]) cannot be "
+            "honoured by the relay; a pattern knows only '*' (any characters) and '?' (one character)",
+        )
+    return pattern
+
+
 def pause(
     request: pb.PauseRequest, now: datetime
 ) -> tuple[str, str, datetime | None, timedelta | None]:
-    pattern = pause_target(request)
+    pattern = pause_pattern(pause_target(request))
     reason = text(request.reason, "reason", MAX_REASON, multiline=True) or ""
     expires_at = ttl = None
     if request.HasField("expires_at"):
@@ -175,7 +200,8 @@ def dead_letter_filter(message: pb.DeadLetterFilter, field: str = "filter") -> D
     if message.HasField("key"):
         if len(message.key) > MAX_KEY:
             raise InvalidArgument(f"{field}.key", f"is longer than {MAX_KEY} characters")
-        key = message.key
+        # Keys may hold other control characters (events are written by any service), never NUL.
+        key = no_nul(message.key, f"{field}.key")
     return DeadLetterFilter(
         topic=text(message.topic, f"{field}.topic", MAX_TOPIC),
         key=key,
@@ -206,6 +232,19 @@ def selection(request: pb.ReplayDeadLettersRequest | pb.PurgeDeadLettersRequest)
     if not len(request.ids):
         raise InvalidArgument("ids", "ids or filter is required")
     return Selection(ids=id_list(request.ids, "ids"))
+
+
+def purge_selection(request: pb.PurgeDeadLettersRequest) -> Selection:
+    """Like `selection`, plus all_dead_letters: purging the whole archive must be asked for by name."""
+    if not request.all_dead_letters:
+        if not len(request.ids) and not request.HasField("filter"):
+            raise InvalidArgument("ids", "ids, filter or all_dead_letters is required")
+        if request.HasField("filter") and not len(request.ids) and dead_letter_filter(request.filter).is_empty():
+            raise InvalidArgument("filter", "needs at least one criterion (to purge everything: all_dead_letters)")
+        return selection(request)
+    if len(request.ids) or request.HasField("filter"):
+        raise InvalidArgument("all_dead_letters", "give ids, filter or all_dead_letters, not several")
+    return Selection(everything=True)
 
 
 def replay(request: pb.ReplayDeadLettersRequest) -> ReplayRequest:

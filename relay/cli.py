@@ -10,10 +10,12 @@ from typing import Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsError
 from rich.markup import escape
 
 from relay import migrate as migrations
 from relay.config import DatabaseSettings, RelaySettings
+from relay.config_errors import config_error_lines, remember_environment_secrets
 from relay.dburl import redact
 from relay.logs import setup_logging
 
@@ -29,34 +31,81 @@ LogLevel = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
+    """Prints `error: <message>`, secrets redacted (URL, DSN and known passwords, tokens)."""
     typer.echo(f"error: {redact(message)}", err=True)
     return typer.Exit(code)
 
 
-def _settings(kind: type[SettingsT]) -> SettingsT:
+def _invalid(lines: list[str]) -> typer.Exit:
+    """One `error: invalid configuration: VARIABLE: problem` line per problem, exit 2."""
+    for line in lines:
+        typer.echo(f"error: invalid configuration: {redact(line)}", err=True)
+    return typer.Exit(2)
+
+
+def _configuration_errors(kind: type[BaseSettings]) -> tuple[BaseSettings | None, list[str]]:
+    """The settings, or the lines describing what is wrong with them (never a secret's value)."""
     try:
-        return kind()
+        return kind(), []
     except ValidationError as exc:
-        raise _fail(f"invalid configuration:\n{exc}") from None
+        return None, config_error_lines(exc, kind)
+    except SettingsError as exc:  # a value pydantic-settings could not even decode
+        return None, [redact(str(exc))]
+
+
+def _settings(kind: type[SettingsT]) -> SettingsT:
+    remember_environment_secrets()
+    settings, errors = _configuration_errors(kind)
+    if errors:
+        raise _invalid(errors)
+    assert isinstance(settings, kind)
+    return settings
+
+
+STATUS_EXIT_CODES = {"current": 0, "behind": 3, "ahead": 4}
 
 
 @app.command()
 def migrate(
-    sql: Annotated[bool, typer.Option("--sql", help="Print the SQL instead of running it.")] = False,
+    sql: Annotated[
+        bool,
+        typer.Option(
+            "--sql",
+            help="Print the SQL instead of running it (for psql -v ON_ERROR_STOP=1 -f); --revision may be"
+            " FROM:TO.",
+        ),
+    ] = False,
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
-    downgrade: Annotated[bool, typer.Option("--downgrade", help="Downgrade to --revision.")] = False,
+    downgrade: Annotated[
+        bool, typer.Option("--downgrade", help="Downgrade to --revision (with --sql: from head).")
+    ] = False,
+    show_status: Annotated[
+        bool,
+        typer.Option(
+            "--status",
+            help="Print the schema's revision and this version's head, and change nothing. Exit 0 at"
+            " head, 3 behind (run migrate), 4 ahead (a newer release migrated it).",
+        ),
+    ] = False,
     partitions: Annotated[
         int, typer.Option(envvar="OUTBOX_PARTITIONS", help="Partitions (first migration only).")
     ] = 16,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Upgrade the schema (safe to run from many instances at once)."""
+    """Upgrade the schema (safe to run from many instances at once), print its SQL, or show its status."""
     setup_logging(log_level)
     settings = _settings(DatabaseSettings)
+    if show_status:
+        if sql or downgrade:
+            raise _fail("--status cannot be combined with --sql or --downgrade")
+        _print_status(settings)
+        return
     if sql:
-        if downgrade:
-            raise _fail("--sql prints upgrades only; review a downgrade in relay/migrations/versions/")
-        sys.stdout.write(migrations.offline_sql(settings, revision, partitions=partitions))
+        try:
+            script = migrations.offline_sql(settings, revision, partitions=partitions, downgrade=downgrade)
+        except Exception as exc:  # an unknown revision, or a range that is not one
+            raise _fail(f"cannot make the SQL for --revision {revision!r}: {exc}") from None
+        sys.stdout.write(script)
         return
     try:
         if downgrade:
@@ -70,6 +119,25 @@ def migrate(
             f"migration of schema {settings.schema_name!r} failed: {type(exc).__name__}: {exc}", 1
         ) from None
     typer.echo(f"schema {settings.schema_name!r} at revision {reached}")
+
+
+def _print_status(settings: DatabaseSettings) -> None:
+    try:
+        status = migrations.status(settings)
+    except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
+        raise _fail(
+            f"cannot read the revision of schema {settings.schema_name!r}: {type(exc).__name__}: {exc}", 1
+        ) from None
+    typer.echo(f"schema:  {status.schema}")
+    typer.echo(f"current: {status.current or 'none (not migrated)'}")
+    typer.echo(f"head:    {status.head}")
+    if status.state == "current":
+        typer.echo("state:   at head")
+    elif status.state == "behind":
+        typer.echo(f"state:   behind, to apply: {' '.join(status.pending)} (run outbox-relay migrate)")
+    else:
+        typer.echo(f"state:   ahead: {status.current} is newer than this version knows")
+    raise typer.Exit(STATUS_EXIT_CODES[status.state])
 
 
 def settings_help(kind: type[DatabaseSettings]) -> str:
@@ -102,7 +170,16 @@ def run(
     Exits 0 only when asked to stop (SIGTERM, SIGINT); 1 when the relay stopped by itself (a task
     kept failing past OUTBOX_SUPERVISOR_GIVE_UP) or could not start, 2 on bad configuration, 3 when
     the schema is behind."""
-    settings = _settings(RelaySettings)
+    remember_environment_secrets()
+    relay_settings, errors = _configuration_errors(RelaySettings)
+    if os.environ.get("OUTBOX_CONTROL_ADDR"):  # the control plane inside `run` reads OUTBOX_CONTROL_* too
+        from control.server import ControlSettings
+
+        errors += _configuration_errors(ControlSettings)[1]
+    if errors:
+        raise _invalid(errors)
+    assert isinstance(relay_settings, RelaySettings)
+    settings = relay_settings
     setup_logging(log_level, instance_id=settings.instance_id)
     from relay.service import RelayFailedError, RelayService, SchemaBehindError, run_until_signalled
 
@@ -114,6 +191,8 @@ def run(
         raise _fail(str(exc), 3) from None
     except RelayFailedError as exc:  # the traceback is in the log already, where the task failed
         raise _fail(f"relay stopped: {exc}", 1) from None
+    except ValidationError as exc:  # str(exc) would show every input value, secrets included
+        raise _invalid(config_error_lines(exc)) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
     except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
@@ -128,15 +207,19 @@ def control(log_level: LogLevel = "INFO") -> None:
     setup_logging(log_level)
     from control.server import ControlSettings, InsecureConfigurationError, serve_forever
 
-    database = _settings(DatabaseSettings)
-    try:
-        settings = ControlSettings()
-    except ValidationError as exc:
-        raise _fail(f"invalid configuration:\n{exc}") from None
+    remember_environment_secrets()
+    database, database_errors = _configuration_errors(DatabaseSettings)
+    settings, control_errors = _configuration_errors(ControlSettings)
+    if database_errors or control_errors:
+        raise _invalid(database_errors + control_errors)
+    assert isinstance(database, DatabaseSettings) and isinstance(settings, ControlSettings)
     try:
         asyncio.run(serve_forever(settings, database))
-    except InsecureConfigurationError as exc:
+    except (InsecureConfigurationError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
+        log.debug("control plane failed", exc_info=True)
+        raise _fail(f"control plane failed: {type(exc).__name__}: {exc}", 1) from None
 
 
 @app.command()

@@ -7,9 +7,12 @@ import re
 import socket
 from enum import StrEnum
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from relay.dburl import remember_secret, url_password
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -29,7 +32,7 @@ def default_instance_id() -> str:
 
 
 def validate_schema_name(name: str) -> str:
-    if not _IDENTIFIER.match(name):
+    if not _IDENTIFIER.fullmatch(name):
         raise ValueError(f"schema name {name!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
     return name
 
@@ -51,6 +54,26 @@ class DatabaseSettings(BaseSettings):
     @classmethod
     def _check_schema(cls, value: str) -> str:
         return validate_schema_name(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        # The messages never quote the URL: it holds the password, maybe where a parser does not expect it.
+        url = value.get_secret_value().strip()
+        remember_secret(url_password(url))
+        scheme, sep, _ = url.partition("://")
+        if not sep or scheme.split("+", 1)[0].lower() not in ("postgresql", "postgres"):
+            raise ValueError(
+                "must be a postgresql:// URL such as postgresql://app@db:5432/app"
+                " (a key=value connection string is not supported)"
+            )
+        try:
+            urlsplit(url).port  # noqa: B018 - raises for a port that is not a number
+        except ValueError:
+            raise ValueError(
+                "is not a valid URL (check the port, and that a password with : / @ ? # is %-encoded)"
+            ) from None
+        return SecretStr(url)
 
 
 class RelaySettings(DatabaseSettings):
@@ -144,6 +167,14 @@ class RelaySettings(DatabaseSettings):
     metrics_addr: str | None = Field(None, description="Serve /metrics, /healthz, /readyz here.")
 
     @model_validator(mode="after")
+    def _remember_secrets(self) -> RelaySettings:
+        if self.redis_url is not None:
+            remember_secret(url_password(self.redis_url.get_secret_value()))
+        if self.kafka_sasl_password is not None:
+            remember_secret(self.kafka_sasl_password.get_secret_value())
+        return self
+
+    @model_validator(mode="after")
     def _check_byte_budgets(self) -> RelaySettings:
         if self.inflight_max_bytes < self.claim_max_bytes:
             raise ValueError(
@@ -151,6 +182,15 @@ class RelaySettings(DatabaseSettings):
                 f" OUTBOX_CLAIM_MAX_BYTES ({self.claim_max_bytes}): every claim takes that much of it"
             )
         return self
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: str) -> str:
+        if value.strip():  # a bad route is a configuration error, reported with the others at start
+            from relay.sinks.router import parse_routes
+
+            parse_routes(value)
+        return value
 
     @field_validator("redis_shards", mode="before")
     @classmethod

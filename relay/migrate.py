@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import TextIO
 
@@ -14,6 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, pool, text
 
+from relay import __version__
 from relay.config import DatabaseSettings
 from relay.dburl import redact, sqlalchemy_url
 
@@ -65,6 +68,30 @@ def current_revision(connection: Connection, schema: str) -> str | None:
     return context.get_current_revision()
 
 
+@dataclass(frozen=True)
+class SchemaStatus:
+    schema: str
+    current: str | None
+    head: str
+    state: str  # as schema_state: 'current', 'behind' or 'ahead'
+    pending: tuple[str, ...]  # the migrations `upgrade` would run, oldest first
+
+
+def status(settings: DatabaseSettings) -> SchemaStatus:
+    """Where the schema stands against this version's head; reads only (no lock, creates nothing)."""
+    engine = create_engine(sqlalchemy_url(settings.database_url.get_secret_value()), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            current = current_revision(conn, settings.schema_name)
+    finally:
+        engine.dispose()
+    state = schema_state(current)
+    pending: tuple[str, ...] = ()
+    if state == "behind":
+        pending = tuple(target for _, target in _offline_steps(f"{current or 'base'}:head", False) if target)
+    return SchemaStatus(settings.schema_name, current, head_revision(), state, pending)
+
+
 def upgrade(
     settings: DatabaseSettings,
     revision: str = "head",
@@ -104,7 +131,14 @@ def upgrade(
         engine.dispose()
 
 
-def downgrade(settings: DatabaseSettings, revision: str, *, lock_wait: float = 300.0) -> str | None:
+def downgrade(
+    settings: DatabaseSettings,
+    revision: str,
+    *,
+    lock_wait: float = 300.0,
+    lock_timeout: str = "10s",
+    statement_timeout: str = "10min",
+) -> str | None:
     config = alembic_config(settings)
     engine = create_engine(config.get_main_option("sqlalchemy.url") or "", poolclass=pool.NullPool)
     try:
@@ -113,6 +147,8 @@ def downgrade(settings: DatabaseSettings, revision: str, *, lock_wait: float = 3
             _acquire_migration_lock(lock_conn, settings.schema_name, lock_wait)
             try:
                 with engine.begin() as conn:
+                    conn.execute(text(f"SET LOCAL lock_timeout = '{lock_timeout}'"))
+                    conn.execute(text(f"SET LOCAL statement_timeout = '{statement_timeout}'"))
                     config.attributes["connection"] = conn
                     command.downgrade(config, revision)
                     return current_revision(conn, settings.schema_name)
@@ -124,13 +160,133 @@ def downgrade(settings: DatabaseSettings, revision: str, *, lock_wait: float = 3
         engine.dispose()
 
 
-def offline_sql(settings: DatabaseSettings, revision: str = "head", *, partitions: int = 16) -> str:
-    """The SQL an upgrade would run, for review; touches no database."""
-    buffer = io.StringIO()
+def offline_sql(
+    settings: DatabaseSettings,
+    revision: str = "head",
+    *,
+    partitions: int = 16,
+    downgrade: bool = False,
+    lock_wait: float = 300.0,
+    lock_timeout: str = "10s",
+    statement_timeout: str = "10min",
+) -> str:
+    """The SQL an upgrade (or a downgrade) would run, for review and for `psql -v ON_ERROR_STOP=1 -f`;
+    touches no database.
+
+    `revision` is the target (upgrade: from an empty schema; downgrade: from head), or `from:to`.
+    As `upgrade` does online, each migration runs in its own transaction that first takes the
+    schema's migration lock (the same key, so `outbox-relay migrate` and other sessions applying
+    this SQL wait for each other) and sets the same timeouts. It then checks that the schema is at
+    the revision the step starts from, so a step is never applied twice or to another revision: a
+    second session applying the same file waits, then stops with an error and changes nothing."""
+    steps = _offline_steps(revision, downgrade)
     config = alembic_config(settings, partitions)
-    config.output_buffer = buffer
-    command.upgrade(config, revision, sql=True)
-    return f'CREATE SCHEMA IF NOT EXISTS "{settings.schema_name}";\n\n' + buffer.getvalue()
+    schema = settings.schema_name
+    direction = "downgrade" if downgrade else "upgrade"
+    first, last = steps[0][0] if steps else None, steps[-1][1] if steps else None
+    count = f"{len(steps)} migration{'s' if len(steps) != 1 else ''}"
+    if steps and steps[0][0] is None and not downgrade:
+        count += f", {partitions} partitions"
+    header = (
+        f'-- outbox-relay {__version__}: {direction} of schema "{schema}" from {first or "base"}'
+        f" to {last or 'base'} ({count}).\n"
+        "-- Apply with: psql -v ON_ERROR_STOP=1 -f FILE (each migration is one transaction).\n\n"
+    )
+    chunks = [header]
+    for number, (source, target) in enumerate(steps):
+        buffer = io.StringIO()
+        config.output_buffer = buffer
+        run = command.downgrade if downgrade else command.upgrade
+        run(config, f"{source or 'base'}:{target or 'base'}", sql=True)
+        chunk = buffer.getvalue()
+        if not (chunk.startswith(_BEGIN) and chunk.endswith(_COMMIT)):  # Alembic changed its output
+            raise RuntimeError(f"unexpected offline SQL for {source} -> {target}:\n{chunk[:200]}")
+        prologue = _step_prologue(
+            schema,
+            source,
+            create_schema=not downgrade and number == 0,
+            lock_wait=lock_wait,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+        )
+        chunks.append(_BEGIN + prologue + chunk[len(_BEGIN) :])
+    return "".join(chunks)
+
+
+_BEGIN = "BEGIN;\n\n"
+_COMMIT = "COMMIT;\n\n"
+
+
+def _offline_steps(revision: str, downgrade: bool) -> list[tuple[str | None, str | None]]:
+    """(from, to) of each migration between the revisions `revision` names, in the order they run."""
+    if ":" in revision:
+        source, _, target = revision.partition(":")
+    else:
+        source, target = ("head" if downgrade else "base"), revision
+    script = ScriptDirectory(str(resources.files("relay") / "migrations"))
+
+    def resolve(name: str) -> str | None:
+        if name in ("", "base"):
+            return None
+        found = script.get_revision(name)
+        if found is None:
+            raise ValueError(f"unknown revision {name!r}")
+        return found.revision
+
+    lower, upper = (resolve(target), resolve(source)) if downgrade else (resolve(source), resolve(target))
+    if upper is None:
+        return []
+    revisions = list(script.iterate_revisions(upper, lower))  # upper first
+    if downgrade:
+        return [(rev.revision, _down_revision(rev.down_revision)) for rev in revisions]
+    return [(_down_revision(rev.down_revision), rev.revision) for rev in reversed(revisions)]
+
+
+def _down_revision(down: str | Sequence[str] | None) -> str | None:
+    if down is not None and not isinstance(down, str):  # a merge point; the history is linear so far
+        raise ValueError(f"offline SQL cannot cross the merge of {', '.join(down)}")
+    return down
+
+
+def _step_prologue(
+    schema: str,
+    expected: str | None,
+    *,
+    create_schema: bool,
+    lock_wait: float,
+    lock_timeout: str,
+    statement_timeout: str,
+) -> str:
+    """What `upgrade` does online before each migration: the lock, the timeouts, the revision check."""
+    lock_key = LOCK_KEY_SQL.replace(":schema", f"'{schema}'")
+    version_table = f'"{schema}".alembic_version'
+    expected_sql = "IS NOT NULL" if expected is None else f"IS DISTINCT FROM '{expected}'"
+    statements = [
+        "-- One migration of this schema at a time (the lock `outbox-relay migrate` takes), with its"
+        "\n-- timeouts, and only from the revision this migration starts from.",
+        f"SET LOCAL statement_timeout = '{statement_timeout}';",
+        f"SET LOCAL lock_timeout = '{lock_wait:g}s';",
+        f"""DO $outbox_relay$
+DECLARE
+    found text;
+BEGIN
+    PERFORM pg_advisory_xact_lock({lock_key});
+    IF to_regclass('{version_table}') IS NOT NULL THEN
+        SELECT string_agg(version_num, ', ') INTO found FROM {version_table};
+    END IF;
+    IF found {expected_sql} THEN
+        RAISE EXCEPTION 'schema "{schema}" is at revision %, this migration starts from {expected or "none"}',
+            coalesce(found, 'none')
+            USING HINT = 'Another session migrated it, or this SQL is for another revision: '
+                || 'see outbox-relay migrate --status.';
+    END IF;
+END
+$outbox_relay$;""",
+        f"SET LOCAL lock_timeout = '{lock_timeout}';",
+    ]
+    if create_schema:
+        statements.append(f'CREATE SCHEMA IF NOT EXISTS "{schema}";')
+    return "\n\n".join(statements) + "\n\n"
 
 
 def write_offline_sql(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
+import re
 from collections.abc import Callable
 
 from relay.store import RelayStore
@@ -12,7 +12,10 @@ log = logging.getLogger(__name__)
 
 
 def glob_to_like(pattern: str) -> str:
-    """Shell-style `*` and `?` become SQL LIKE `%` and `_`; LIKE's own wildcards are escaped."""
+    """`*` and `?` become SQL LIKE `%` and `_`; LIKE's own wildcards are escaped; every other character,
+    `[` and `]` included, matches itself. This is what a pause pattern means everywhere: the control
+    plane refuses `[`/`]` in new pauses (LIKE has no character classes, so the relay could not honour
+    `[...]`), and `glob_matches` below is the same match in Python."""
     out = []
     for char in pattern:
         if char in "%_\\":
@@ -24,6 +27,12 @@ def glob_to_like(pattern: str) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
+def glob_matches(topic: str, pattern: str) -> bool:
+    """Whether `topic` matches the pause `pattern` exactly as the claim's LIKE (glob_to_like) decides."""
+    parts = ("." if c == "?" else ".*" if c == "*" else re.escape(c) for c in pattern)
+    return re.fullmatch("".join(parts), topic, re.DOTALL) is not None
 
 
 class PauseState:
@@ -51,7 +60,7 @@ class PauseState:
         return "*" in self._patterns
 
     def is_paused(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self._patterns)
+        return any(glob_matches(topic, pattern) for pattern in self._patterns)
 
     async def refresh(self) -> None:
         patterns = tuple(sorted(await self._store.active_pause_patterns()))

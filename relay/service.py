@@ -158,12 +158,16 @@ class RelayService:
         )
 
     async def _start_control_plane(self) -> None:
-        """The control plane is stateless, so any relay instance can serve it beside its work."""
+        """The control plane is stateless, so any relay instance can serve it beside its work.
+
+        With a pool of its own (OUTBOX_CONTROL_POOL_SIZE connections, with statement and lock timeouts),
+        a limit on concurrent calls and a cap on their deadlines: however hard it is called, it never
+        takes a connection the relay's lease renewals and claims need (docs/operations.md)."""
         from control.server import ControlServer, ControlSettings
 
         control_settings = ControlSettings(addr=self.settings.control_addr)
         meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
-        self.control = ControlServer(control_settings, self.settings, pool=self.store.pool, meter=meter)
+        self.control = ControlServer(control_settings, self.settings, meter=meter)
         await self.control.start()
 
     def _register_gauges(self) -> None:

@@ -13,6 +13,9 @@ def run_offline() -> None:
     context.configure(
         url=config.get_main_option("sqlalchemy.url"),
         literal_binds=True,
+        # The SQL is for psql, not a DBAPI: with the driver's 'pyformat' style every '%' in a
+        # migration (the partition column's modulo) would come out doubled as '%%'.
+        dialect_opts={"paramstyle": "named"},
         version_table_schema=schema_name,
         transaction_per_migration=True,
     )

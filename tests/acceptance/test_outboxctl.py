@@ -83,14 +83,14 @@ class ControlProcess:
                 self.process.wait(10)
 
 
-def _start_control(database_url: str, schema: str, log_path: Path) -> ControlProcess:
+def _start_control(database_url: str, schema: str, log_path: Path, **settings: str) -> ControlProcess:
     """`outbox-relay control` on a free port, once it answers; retried if another process took the port."""
     for _ in range(3):
         addr = f"127.0.0.1:{_free_port()}"
         env = _env(
             OUTBOX_DATABASE_URL=database_url, OUTBOX_SCHEMA=schema, OUTBOX_CONTROL_ADDR=addr,
             OUTBOX_CONTROL_ADMIN_TOKEN=ADMIN_TOKEN, OUTBOX_CONTROL_READ_TOKEN=READ_TOKEN,
-            OUTBOX_CONTROL_SHUTDOWN_GRACE="0",
+            OUTBOX_CONTROL_SHUTDOWN_GRACE="0", **settings,
         )
         with log_path.open("ab") as log:
             process = subprocess.Popen(
@@ -342,6 +342,8 @@ def test_audit(ctl: Ctl, seed: Seed) -> None:
     assert [e["action"] for e in entries] == ["Resume", "Pause", "Pause"]
     assert entries[0]["arguments"] == {"topic_pattern": "a.*"} and entries[0]["result"] == {"resumed": True}
     assert entries[0]["actor"] == "admin:ops"
+    # What the server verified (the admin token), beside what the caller declared (--operator).
+    assert entries[0]["client_identity"] == "token:admin" and "token:admin" in table
     _iso(entries[0]["at"])
     assert [e["arguments"]["topic_pattern"] for e in ctl.json("audit", "--action", "Pause")] == ["b.*", "a.*"]
     assert len(ctl.json("audit", "--limit", "1")) == 1
@@ -372,6 +374,9 @@ def test_pause_resume_pauses(ctl: Ctl, db: Db) -> None:
     assert db.count("pauses") == 0
 
     assert "--ttl" in ctl.fails(2, "pause", "x", "--reason", "r", "--ttl", "soon")
+    # '[...]' means a character class to fnmatch but nothing to the relay's LIKE: refused, not listed.
+    assert "character classes" in ctl.fails(2, "pause", "orders.[ab]", "--reason", "r")
+    assert db.count("pauses") == 0
     assert "topic_pattern" in ctl.fails(2, "pause", " x ", "--reason", "r")
     assert "--reason" in ctl.fails(2, "pause", "x")
 
@@ -397,8 +402,15 @@ def test_park(ctl: Ctl, seed: Seed, db: Db) -> None:
     assert "--yes" in ctl.fails(2, "park", str(seed.stuck_orders[0]), "--reason", "poison pill")
     assert db.count("dead_letter_archive") == 3
 
+    # Waiting for a retry: no relay can be publishing it, even though relay-a holds its partition.
     out = ctl.ok("park", str(seed.stuck_orders[0]), "--reason", "poison pill", "--yes")
     assert f"parked event {seed.stuck_orders[0]}" in out
+    # Not waiting, and its partition (0) leased by relay-a: relay-a may be publishing it right now.
+    assert db.one("SELECT partition FROM {s}.outbox WHERE id = %s", seed.pending[0]) == 0
+    fenced = ctl.fails(7, "park", str(seed.pending[1]), "--reason", "bad data", "--yes")
+    assert "may be being published right now" in fenced and "partition:0" in fenced and "relay-a" in fenced
+    assert db.count("dead_letter_archive") == 4
+    ctl.ok("release-lock", "partition:0", "--holder", "relay-a", "--yes")
     parked = ctl.json("park", str(seed.pending[1]), "--reason", "bad data", "--yes")
     assert (parked["outbox_id"], parked["message_id"], parked["reason"]) == (seed.pending[0], str(seed.pending[1]), "operator")
     assert parked["last_error"].startswith("bad data")
@@ -417,8 +429,12 @@ def test_replay(ctl: Ctl, seed: Seed, db: Db) -> None:
 
     dry = ctl.ok("dead-letters", "replay", str(old), str(binary), "--dry-run")  # a dry run needs no --yes
     assert "would replay 2" in dry
-    out = ctl.ok("dead-letters", "replay", str(old), str(binary), "--yes")
-    assert "replayed 2" in out and "request id: " in out
+    done = ctl.run("dead-letters", "replay", str(old), str(binary), "--yes")
+    assert done.returncode == 0 and "replayed 2" in done.stdout and "request id: " in done.stdout, describe(done)
+    # The request id is on stderr before anything is replayed, and is the one of the result.
+    announced = done.stderr.strip().splitlines()[0]
+    assert announced.startswith("outboxctl: replay request id: ") and "--request-id" in announced, describe(done)
+    assert f"request id: {announced.split()[4]}" in done.stdout
     assert db.count("outbox") == outbox + 2
 
     first = ctl.json("dead-letters", "replay", str(poison), "--request-id", "ticket-42", "--yes")
@@ -432,9 +448,12 @@ def test_replay(ctl: Ctl, seed: Seed, db: Db) -> None:
     assert forced["replayed_ids"] == [old] and db.count("outbox") == outbox + 4
     assert [r["forced"] for r in ctl.json("dead-letters", "show", str(old))["replays"]] == [False, True]
 
-    assert "different replay request" in ctl.fails(
-        7, "dead-letters", "replay", str(old), "--request-id", "ticket-42", "--yes"
-    )
+    reused = ctl.run("dead-letters", "replay", str(old), "--request-id", "ticket-42", "--yes")
+    assert reused.returncode == 7, describe(reused)
+    *_, error = reused.stderr.strip().splitlines()
+    # Every error names the request id (here: the one given) and how to finish the request.
+    assert error.startswith("outboxctl: error: ") and "different replay request" in error, describe(reused)
+    assert "--request-id ticket-42" in error
     assert "not both" in ctl.fails(2, "dead-letters", "replay", str(old), "--topic", "orders", "--yes")
     assert "at least one filter" in ctl.fails(2, "dead-letters", "replay", "--yes")
 
@@ -454,6 +473,18 @@ def test_purge(ctl: Ctl, seed: Seed, db: Db) -> None:
     assert db.count("dead_letter_archive") == 1
     assert [d["id"] for d in ctl.json("dead-letters", "list")] == [seed.old_dead_letter]
     assert "does not exist" in ctl.fails(6, "dead-letters", "show", str(poison))
+
+    # Everything takes an explicit --all, alone.
+    assert "--all" in ctl.fails(2, "dead-letters", "purge", "--yes")
+    assert "not several" in ctl.fails(2, "dead-letters", "purge", "--all", "--topic", "orders", "--yes")
+    assert "--yes" in ctl.fails(2, "dead-letters", "purge", "--all")
+    for n in range(3):
+        db.dead_letter("more", f"k{n}", b"x", "max_attempts", timedelta(days=400))
+    assert ctl.json("dead-letters", "purge", "--all", "--dry-run")["purged_count"] == 4
+    assert "purged 4 dead letter(s)" in ctl.ok("dead-letters", "purge", "--all", "--yes")
+    assert db.count("dead_letter_archive") == 0
+    [entry, *_] = ctl.json("audit", "--action", "PurgeDeadLetters")
+    assert entry["arguments"] == {"all_dead_letters": True} and entry["result"]["status"] == "done"
 
 
 def test_confirmation_on_a_terminal(ctl: Ctl, seed: Seed, db: Db) -> None:
@@ -511,3 +542,35 @@ def test_exit_codes(ctl: Ctl, seed: Seed) -> None:
     result = ctl.run()
     assert result.returncode == 2 and "Usage" in result.stderr + result.stdout
     assert ctl.run("--help").returncode == 0
+
+
+def test_a_cut_off_replay_is_finished_with_its_request_id(database_url: str, schema: str, db: Db, tmp_path: Path) -> None:
+    """A --force replay that times out part-way: the request id printed before it started finishes it,
+    and nothing is replayed twice."""
+    dead = [db.dead_letter("bulk", f"k{n % 3}", b"{}", "max_attempts", timedelta(minutes=5)) for n in range(12)]
+    # 5 rows/s in chunks of 2: the 12 rows take about 2 s, longer than the first call's --timeout.
+    slow = _start_control(database_url, schema, tmp_path / "slow.log",
+                          OUTBOX_CONTROL_REPLAY_RATE="5", OUTBOX_CONTROL_REPLAY_BATCH_SIZE="2")
+    try:
+        ctl = Ctl(slow.addr)
+        cut = ctl.run("--timeout", "1", "dead-letters", "replay", "--topic", "bulk", "--force", "--yes")
+        assert cut.returncode == 3, describe(cut)
+        announced, *_, error = cut.stderr.strip().splitlines()
+        assert announced.startswith("outboxctl: replay request id: "), describe(cut)
+        request_id = announced.split()[4]
+        assert f"--request-id {request_id}" in error, describe(cut)
+        time.sleep(0.5)  # the server gives up at the same deadline; let a chunk caught committing land
+        done_before = db.count("outbox")
+        assert 0 < done_before < 12, describe(cut)
+        [running] = ctl.json("audit", "--action", "ReplayDeadLetters")
+        assert running["arguments"]["request_id"] == request_id
+        assert running["result"]["replayed_count"] == done_before and running["result"]["status"] == "running"
+
+        finished = ctl.json("--timeout", "30", "dead-letters", "replay", "--topic", "bulk", "--force",
+                            "--request-id", request_id, "--yes")
+        assert finished["replayed_ids"] == dead and finished["request_id"] == request_id
+        assert db.count("outbox") == 12  # the rows done before were not replayed again
+        second, first = ctl.json("audit", "--action", "ReplayDeadLetters")
+        assert first["result"]["status"] == "interrupted" and second["result"]["status"] == "done"
+    finally:
+        slow.stop()

@@ -504,7 +504,7 @@ async def test_replay_inserts_new_events_once(client: Client, pg: asyncpg.Connec
     assert [a["action"] for a in audit] == ["ReplayDeadLetters"] * 3
     assert audit[0]["actor"] == "admin:fay"
     assert json.loads(audit[0]["result"]) == {
-        "replayed_count": 2, "skipped_already_replayed_count": 0, "not_found_count": 1,
+        "status": "done", "replayed_count": 2, "skipped_already_replayed_count": 0, "not_found_count": 1,
     }
     assert "p1" not in audit[0]["arguments"]
 
@@ -703,6 +703,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("Pause", pb.PauseRequest(topic_pattern="t" * 250), "topic_pattern"),
     ("Pause", pb.PauseRequest(topic_pattern=" orders"), "topic_pattern"),
     ("Pause", pb.PauseRequest(topic_pattern="orders\x00"), "topic_pattern"),
+    ("Pause", pb.PauseRequest(topic_pattern="orders.[ab]"), "topic_pattern"),
+    ("Pause", pb.PauseRequest(topic_pattern="orders]"), "topic_pattern"),
     ("Pause", pb.PauseRequest(all_topics=False), "all_topics"),
     ("Pause", pb.PauseRequest(topic_pattern="orders", reason=_LONG), "reason"),
     ("Pause", pb.PauseRequest(topic_pattern="orders", expires_at=_PAST), "expires_at"),
@@ -722,6 +724,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("DeadLetterNow", pb.DeadLetterNowRequest(outbox_id=1, reason=_LONG), "reason"),
     ("DeadLetterNow", pb.DeadLetterNowRequest(message_id="nope", reason="r"), "message_id"),
     ("ListDeadLetters", pb.ListDeadLettersRequest(page_size=5000), "page_size"),
+    ("ListDeadLetters", pb.ListDeadLettersRequest(filter=pb.DeadLetterFilter(key="k\x001")), "filter.key"),
     ("ListDeadLetters", pb.ListDeadLettersRequest(page_token="Zm9vOjE"), "page_token"),
     ("ListDeadLetters", pb.ListDeadLettersRequest(
         filter=pb.DeadLetterFilter(archived_after=_FUTURE, archived_before=_PAST)), "filter.archived_before"),
@@ -740,6 +743,10 @@ INVALID: list[tuple[str, Any, str]] = [
     ("ReplayDeadLetters", pb.ReplayDeadLettersRequest(
         request_id="r", filter=pb.DeadLetterFilter(topic="t" * 250)), "filter.topic"),
     ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(), "ids"),
+    ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(ids=[1], all_dead_letters=True), "all_dead_letters"),
+    ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(
+        filter=pb.DeadLetterFilter(topic="orders"), all_dead_letters=True), "all_dead_letters"),
+    ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(filter=pb.DeadLetterFilter(key="\x00")), "filter.key"),
     ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(filter=pb.DeadLetterFilter()), "filter"),
     ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(
         filter=pb.DeadLetterFilter(archived_after=_FUTURE, archived_before=_PAST)), "filter.archived_before"),
@@ -773,3 +780,209 @@ async def test_every_rpc_has_an_invalid_input_case() -> None:
     service = pb.DESCRIPTOR.services_by_name["ControlService"]
     without_fields = {m.name for m in service.methods if not m.input_type.fields}
     assert without_fields | mutations_and_paged | {"ListPauses"} == {m.name for m in service.methods}
+
+
+# --- issue 13: audited and shared replays, fenced DeadLetterNow, bounded purges, identity, NUL ---
+
+
+async def _audit_results(pg: asyncpg.Connection, schema: str, action: str) -> list[dict[str, Any]]:
+    rows = await pg.fetch(
+        f'SELECT result::text AS result FROM "{schema}".audit_log WHERE action = $1 ORDER BY id', action
+    )
+    return [json.loads(r["result"]) for r in rows]
+
+
+async def test_a_cut_off_replay_is_audited_and_rerunning_it_replays_only_the_rest(
+    database_url: str, pg: asyncpg.Connection, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from control.store import ControlStore
+
+    dead = [await add_dead_letter(pg, schema, key=f"k{n % 2}") for n in range(7)]
+    real_chunk = ControlStore._replay_chunk
+    chunks = 0
+
+    async def dies_after_two_chunks(self: Any, *args: Any) -> int:
+        nonlocal chunks
+        chunks += 1
+        if chunks == 3:
+            raise ConnectionResetError("the database went away")
+        return await real_chunk(self, *args)
+
+    monkeypatch.setattr(ControlStore, "_replay_chunk", dies_after_two_chunks)
+    server = await start_server(database_url, schema, replay_batch_size=2)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            request = pb.ReplayDeadLettersRequest(
+                request_id="cut", filter=pb.DeadLetterFilter(topic="orders"), force=True, operator="hal"
+            )
+            await expect_status(Client(channel).ReplayDeadLetters(request), grpc.StatusCode.UNAVAILABLE)
+
+            # The two chunks that committed are on record, with the call still 'running'.
+            assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == 4
+            [cut] = await _audit_results(pg, schema, "ReplayDeadLetters")
+            assert cut == {
+                "status": "running", "replayed_count": 4, "skipped_already_replayed_count": 0, "not_found_count": 0,
+            }
+
+            monkeypatch.setattr(ControlStore, "_replay_chunk", real_chunk)
+            result = await Client(channel).ReplayDeadLetters(request)
+    finally:
+        await server.stop(0)
+
+    # The same request_id, forced: the four done are not replayed again, the rest once.
+    assert list(result.replayed_ids) == dead
+    assert await replays_of(pg, schema, dead) == dict.fromkeys(dead, 1)
+    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == 7
+    first, second = await _audit_results(pg, schema, "ReplayDeadLetters")
+    assert first["status"] == "interrupted" and first["replayed_count"] == 4
+    assert second == {
+        "status": "done", "replayed_count": 7, "skipped_already_replayed_count": 0, "not_found_count": 0,
+        "resumed": True,
+    }
+
+
+async def test_the_replay_rate_is_shared_by_requests_and_replicas(
+    database_url: str, pg: asyncpg.Connection, schema: str
+) -> None:
+    for topic in ("a", "b"):
+        for _ in range(60):
+            await add_dead_letter(pg, schema, topic)
+    # Two control-plane replicas over one schema, each allowed 100 rows/s in chunks of 10.
+    replicas = [await start_server(database_url, schema, replay_batch_size=10, replay_rate=100) for _ in range(2)]
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{replicas[0].port}") as one,
+            grpc.aio.insecure_channel(f"127.0.0.1:{replicas[1].port}") as two,
+        ):
+            started = time.monotonic()
+            results = await asyncio.gather(
+                Client(one).ReplayDeadLetters(
+                    pb.ReplayDeadLettersRequest(request_id="a", filter=pb.DeadLetterFilter(topic="a"))
+                ),
+                Client(two).ReplayDeadLetters(
+                    pb.ReplayDeadLettersRequest(request_id="b", filter=pb.DeadLetterFilter(topic="b"))
+                ),
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        for replica in replicas:
+            await replica.stop(0)
+
+    assert [r.replayed_count for r in results] == [60, 60]
+    # 120 rows at 100 rows/s together, the first chunk of 10 free: at least 1.1 s. Paced per call,
+    # the two would have finished in about 0.5 s.
+    assert elapsed >= 1.0, elapsed
+    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".rate_buckets WHERE name = $1', "replay") == 1
+
+
+async def test_dead_letter_now_is_fenced_by_the_partition_lease(
+    client: Client, pg: asyncpg.Connection, schema: str
+) -> None:
+    event, _ = await add_event(pg, schema, "orders", key="k1")
+    waiting, _ = await add_event(pg, schema, "orders", key="k1", attempts=1, retry_in=60, last_error="nope")
+    partition = await pg.fetchval(f'SELECT partition FROM "{schema}".outbox WHERE id = $1', event)
+    lease = f"partition:{partition}"
+    # A (fake) relay holds the event's partition: it may be publishing the event right now.
+    await add_lock(pg, schema, lease, "relay-x", 4, 60)
+    before = await snapshot(pg, schema)
+
+    await expect_status(
+        client.DeadLetterNow(pb.DeadLetterNowRequest(outbox_id=event, reason="poison")),
+        grpc.StatusCode.FAILED_PRECONDITION, lease, "relay-x", "not waiting for a retry",
+    )
+    assert await snapshot(pg, schema) == before
+
+    # An event waiting for a retry cannot be in flight: no claim of it is outstanding.
+    moved = await client.DeadLetterNow(pb.DeadLetterNowRequest(outbox_id=waiting, reason="poison"))
+    assert moved.dead_letter.outbox_id == waiting
+
+    # Once the lease is free (expired or released), nobody may publish under it.
+    await pg.execute(
+        f'UPDATE "{schema}".distributed_locks SET expires_at = now() - interval \'1 second\' WHERE name = $1', lease
+    )
+    moved = await client.DeadLetterNow(pb.DeadLetterNowRequest(outbox_id=event, reason="poison"))
+    assert moved.dead_letter.outbox_id == event
+    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == 0
+
+
+async def test_purge_runs_in_bounded_batches_and_everything_must_be_asked_for(
+    database_url: str, pg: asyncpg.Connection, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("control.store.PURGE_BATCH_SIZE", 3)
+    # Rows deleted by each statement, recorded by a statement-level trigger.
+    await pg.execute(f"""
+        CREATE TABLE "{schema}".purge_statements (id serial, n bigint);
+        CREATE FUNCTION "{schema}".count_purged() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO "{schema}".purge_statements (n) SELECT count(*) FROM gone; RETURN NULL; END $$;
+        CREATE TRIGGER count_purged AFTER DELETE ON "{schema}".dead_letter_archive
+        REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION "{schema}".count_purged();
+    """)
+    old = datetime.now(UTC) - timedelta(days=30)
+    for _ in range(10):
+        await add_dead_letter(pg, schema, "orders", archived_at=old)
+    others = [await add_dead_letter(pg, schema, "payments") for _ in range(2)]
+
+    server = await start_server(database_url, schema)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            client = Client(channel)
+            # A --since far in the past matches all ten: deleted three at a time, not in one statement.
+            since = pb.DeadLetterFilter(archived_after=ts(datetime.now(UTC) - timedelta(days=3650)),
+                                        archived_before=ts(datetime.now(UTC) - timedelta(days=1)))
+            purged = await client.PurgeDeadLetters(pb.PurgeDeadLettersRequest(filter=since, operator="ida"))
+            assert purged.purged_count == 10
+            statements = await pg.fetch(f'SELECT n FROM "{schema}".purge_statements ORDER BY id')
+            assert [r["n"] for r in statements] == [3, 3, 3, 1]
+            [audit] = await _audit_results(pg, schema, "PurgeDeadLetters")
+            assert audit == {"status": "done", "purged_count": 10, "not_found_count": 0}
+
+            # An empty filter is not "everything": that needs all_dead_letters.
+            await expect_status(
+                client.PurgeDeadLetters(pb.PurgeDeadLettersRequest(filter=pb.DeadLetterFilter())),
+                grpc.StatusCode.INVALID_ARGUMENT, "all_dead_letters",
+            )
+            assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".dead_letter_archive') == len(others)
+            dry = await client.PurgeDeadLetters(pb.PurgeDeadLettersRequest(all_dead_letters=True, dry_run=True))
+            assert (dry.purged_count, dry.dry_run) == (2, True)
+            everything = await client.PurgeDeadLetters(pb.PurgeDeadLettersRequest(all_dead_letters=True))
+            assert everything.purged_count == 2
+    finally:
+        await server.stop(0)
+    assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".dead_letter_archive') == 0
+    arguments = await pg.fetch(
+        f"""SELECT arguments::text AS a FROM "{schema}".audit_log WHERE action = 'PurgeDeadLetters' ORDER BY id"""
+    )
+    assert json.loads(arguments[-1]["a"]) == {"all_dead_letters": True}
+
+
+async def test_audit_rows_record_the_verified_identity(
+    client: Client, pg: asyncpg.Connection, schema: str
+) -> None:
+    await client.Pause(pb.PauseRequest(topic_pattern="orders.*", reason="r", operator="someone-else"))
+    row = await pg.fetchrow(f'SELECT actor, client_identity FROM "{schema}".audit_log')
+    # The operator is what the caller says; the identity is what the server checked (the admin token).
+    assert (row["actor"], row["client_identity"]) == ("admin:someone-else", "token:admin")
+    [entry] = (await client.ListAudit(pb.ListAuditRequest())).entries
+    assert (entry.actor, entry.client_identity) == ("admin:someone-else", "token:admin")
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_", "field"),
+    [
+        ("ListDeadLetters", pb.ListDeadLettersRequest(filter=pb.DeadLetterFilter(key="a\x00b")), "filter.key"),
+        ("ListDeadLetters", pb.ListDeadLettersRequest(filter=pb.DeadLetterFilter(topic="a\x00")), "filter.topic"),
+        ("ListDeadLetters", pb.ListDeadLettersRequest(filter=pb.DeadLetterFilter(reason="\x00")), "filter.reason"),
+        ("ReplayDeadLetters", pb.ReplayDeadLettersRequest(
+            request_id="r", filter=pb.DeadLetterFilter(key="\x00")), "filter.key"),
+        ("PurgeDeadLetters", pb.PurgeDeadLettersRequest(filter=pb.DeadLetterFilter(key="k\x00")), "filter.key"),
+        ("Pause", pb.PauseRequest(topic_pattern="orders.\x00*"), "topic_pattern"),
+        ("Pause", pb.PauseRequest(topic_pattern="orders", operator="op\x00"), "operator"),
+        ("ListStuck", pb.ListStuckRequest(topic="a\x00"), "topic"),
+    ],
+)
+async def test_a_nul_in_any_filter_string_is_invalid_argument(
+    client: Client, pg: asyncpg.Connection, schema: str, rpc: str, request_: Any, field: str
+) -> None:
+    await add_dead_letter(pg, schema)
+    details = await expect_status(getattr(client, rpc)(request_), grpc.StatusCode.INVALID_ARGUMENT, "NUL")
+    assert details.startswith(f"{field}:"), details

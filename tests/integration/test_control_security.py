@@ -245,6 +245,31 @@ async def test_mtls_requires_a_client_certificate_from_the_ca(database_url: str,
         await server.stop(0)
 
 
+async def test_audit_records_the_client_certificate_beside_the_declared_operator(
+    database_url: str, schema: str, pki: Pki
+) -> None:
+    server = await start(database_url, schema, admin_token=ADMIN_TOKEN, read_token=READ_TOKEN,
+                         tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    try:
+        async with _secure_channel(server.port, pki, pki.client_cert, pki.client_key) as channel:
+            stub = pb_grpc.ControlServiceStub(channel)
+            await stub.Pause(
+                pb.PauseRequest(topic_pattern="orders", reason="r", operator="not-really-me"),
+                metadata=bearer(ADMIN_TOKEN), timeout=TIMEOUT,
+            )
+            reply = await stub.ListAudit(pb.ListAuditRequest(), metadata=bearer(READ_TOKEN), timeout=TIMEOUT)
+    finally:
+        await server.stop(0)
+    [entry] = reply.entries
+    # The operator is declared by the caller; the certificate's CN ('operator', tests/pki.py) is verified.
+    assert (entry.actor, entry.client_identity) == ("admin:not-really-me", "cn:operator")
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval(f'SELECT client_identity FROM "{schema}".audit_log') == "cn:operator"
+    finally:
+        await conn.close()
+
+
 def test_tls_settings_must_be_complete(pki: Pki) -> None:
     with pytest.raises(ValueError, match="go together"):
         ControlSettings(tls_cert=pki.server_cert)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from importlib import resources
 
 import psycopg
 import pytest
+from alembic.script import ScriptDirectory
 from psycopg import errors
 from pydantic import SecretStr
 
@@ -42,6 +44,53 @@ def _functions(conn: psycopg.Connection, schema: str) -> list[str]:
         (schema,),
     ).fetchall()
     return [row[0] for row in rows]
+
+
+def schema_snapshot(conn: psycopg.Connection, schema: str) -> dict[str, object]:
+    """Everything the migrations define in `schema` (relations, columns with their types, defaults and
+    generation expressions, constraints, indexes, functions, triggers) and the rows they write
+    (relay_settings, alembic_version), with the schema's name replaced by <schema>: schemas migrated
+    by different paths (online, or their SQL applied with psql) compare equal when they are the same."""
+
+    def rows(sql: str) -> list[tuple[object, ...]]:
+        found = conn.execute(sql, {"schema": schema} if "%(schema)s" in sql else None).fetchall()
+        return sorted(tuple(_unnamed(value, schema) for value in row) for row in found)
+
+    relations = _relations(conn, schema)
+    snapshot: dict[str, object] = {
+        "relations": {name: kind for name, kind in relations.items()},
+        "columns": rows(
+            "SELECT c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,"
+            " a.attidentity, a.attgenerated, pg_get_expr(d.adbin, d.adrelid)"
+            " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+            " WHERE n.nspname = %(schema)s AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')"
+        ),
+        "constraints": rows(
+            "SELECT c.relname, con.conname, pg_get_constraintdef(con.oid) FROM pg_constraint con"
+            " JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = con.connamespace"
+            " WHERE n.nspname = %(schema)s"
+        ),
+        "indexes": rows("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %(schema)s"),
+        "functions": rows(
+            "SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %(schema)s"
+        ),
+        "triggers": rows(
+            "SELECT c.relname, t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %(schema)s AND NOT t.tgisinternal"
+        ),
+    }
+    for table in ("relay_settings", "alembic_version"):
+        if table in relations:
+            snapshot[table] = rows(f'SELECT * FROM "{schema}".{table}')
+    return snapshot
+
+
+def _unnamed(value: object, schema: str) -> object:
+    return value.replace(schema, "<schema>") if isinstance(value, str) else value
 
 
 def test_upgrade_to_head_then_downgrade_to_base_leaves_no_tables(
@@ -228,6 +277,96 @@ def test_instance_health_is_an_additive_column_that_downgrades_away(
         assert migrate.downgrade(settings, "0002") == "0002"
         assert _columns(db, name, "relay_instances") == before
         assert db.execute(f"SELECT instance_id FROM {name}.relay_instances").fetchall() == [("old-relay",)]
+        assert migrate.upgrade(settings) == migrate.head_revision()
+    finally:
+        db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def _revisions() -> list[str]:
+    """Every revision, oldest first."""
+    script = ScriptDirectory(str(resources.files("relay") / "migrations"))
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def _apply_sql(database_url: str, sql: str) -> None:
+    """The SQL in one session, stopping at the first error (tests/acceptance applies it with psql)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.encode())
+
+
+def test_the_sql_of_every_upgrade_and_downgrade_builds_what_the_online_path_builds(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    """`migrate --sql` (applied here in one round trip; tests/acceptance applies it with psql) and
+    `migrate` must not drift: for every revision, from base up to it and from head down to it."""
+    online, offline = f"t_{uuid.uuid4().hex[:12]}", f"t_{uuid.uuid4().hex[:12]}"
+    settings = {
+        name: DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
+        for name in (online, offline)
+    }
+
+    def reset(revision: str) -> None:
+        for name in (online, offline):
+            db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        migrate.upgrade(settings[online], revision, partitions=4)
+        _apply_sql(database_url, migrate.offline_sql(settings[offline], revision, partitions=4))
+
+    try:
+        for revision in _revisions():
+            reset(revision)
+            assert schema_snapshot(db, offline) == schema_snapshot(db, online), f"upgrade to {revision}"
+        for revision in ["base", *_revisions()[:-1]]:
+            reset("head")
+            migrate.downgrade(settings[online], revision)
+            _apply_sql(database_url, migrate.offline_sql(settings[offline], revision, downgrade=True))
+            assert schema_snapshot(db, offline) == schema_snapshot(db, online), f"downgrade to {revision}"
+    finally:
+        for name in (online, offline):
+            db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def test_the_sql_of_a_migration_is_not_applied_twice(
+    database_url: str, schema: str, db: psycopg.Connection
+) -> None:
+    """Each migration in the SQL checks the revision it starts from: applied to a schema already at
+    head (as by a second session applying the same file), it stops before changing anything."""
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=schema)
+    before = schema_snapshot(db, schema)
+    with pytest.raises(
+        errors.RaiseException,
+        match=f"is at revision {migrate.head_revision()}, this migration starts from none",
+    ):
+        _apply_sql(database_url, migrate.offline_sql(settings))
+    with pytest.raises(errors.RaiseException, match=f"this migration starts from {_revisions()[0]}"):
+        _apply_sql(database_url, migrate.offline_sql(settings, f"{_revisions()[0]}:head"))
+    assert schema_snapshot(db, schema) == before
+
+
+def test_audit_identity_and_rate_buckets_are_additive_and_downgrade_away(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    """0004 adds a nullable column and a table: a control plane of the previous release, whose audit
+    insert does not name the column, keeps working on the new schema (its rows: identity NULL)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
+    try:
+        assert migrate.upgrade(settings, "0003") == "0003"
+        before = _columns(db, name, "audit_log")
+        assert "client_identity" not in before and "rate_buckets" not in _relations(db, name)
+
+        assert migrate.upgrade(settings, "0004") == "0004"
+        assert _columns(db, name, "audit_log") == {**before, "client_identity": True}
+        assert _relations(db, name)["rate_buckets"] == "r"
+        # The previous release's audit insert, verbatim in shape.
+        db.execute(
+            f"INSERT INTO {name}.audit_log (actor, action, arguments, result)"
+            " VALUES ('admin', 'Pause', '{}'::jsonb, '{}'::jsonb)"
+        )
+        assert db.execute(f"SELECT client_identity FROM {name}.audit_log").fetchall() == [(None,)]
+
+        assert migrate.downgrade(settings, "0003") == "0003"
+        assert _columns(db, name, "audit_log") == before
+        assert "rate_buckets" not in _relations(db, name)
         assert migrate.upgrade(settings) == migrate.head_revision()
     finally:
         db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

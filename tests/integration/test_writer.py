@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,7 +19,15 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from clients import EnqueueResult, OutboxEvent, aenqueue, aenqueue_many, enqueue, enqueue_many
+from clients import (
+    EnqueueResult,
+    OutboxConflictError,
+    OutboxEvent,
+    aenqueue,
+    aenqueue_many,
+    enqueue,
+    enqueue_many,
+)
 from relay.dburl import sqlalchemy_url
 
 NOTIFY_TIMEOUT = 5.0
@@ -81,7 +90,11 @@ async def _sqlalchemy_async_connection(
 async def _asyncpg(conn: asyncpg.Connection, schema: str, commit: bool) -> AsyncIterator[Writer]:
     transaction = conn.transaction()
     await transaction.start()
-    yield Writer(conn, schema, is_async=True)
+    try:
+        yield Writer(conn, schema, is_async=True)
+    except BaseException:
+        await transaction.rollback()  # a failed test must not leave the shared connection in a transaction
+        raise
     await (transaction.commit() if commit else transaction.rollback())
 
 
@@ -93,7 +106,11 @@ async def _asyncpg_pool(pool: asyncpg.Pool, schema: str, commit: bool) -> AsyncI
 
 @asynccontextmanager
 async def _psycopg(conn: psycopg.Connection[Any], schema: str, commit: bool) -> AsyncIterator[Writer]:
-    yield Writer(conn, schema, is_async=False)
+    try:
+        yield Writer(conn, schema, is_async=False)
+    except BaseException:
+        conn.rollback()
+        raise
     conn.commit() if commit else conn.rollback()
 
 
@@ -101,7 +118,11 @@ async def _psycopg(conn: psycopg.Connection[Any], schema: str, commit: bool) -> 
 async def _psycopg_async(
     conn: psycopg.AsyncConnection[Any], schema: str, commit: bool
 ) -> AsyncIterator[Writer]:
-    yield Writer(conn, schema, is_async=True)
+    try:
+        yield Writer(conn, schema, is_async=True)
+    except BaseException:
+        await conn.rollback()
+        raise
     await (conn.commit() if commit else conn.rollback())
 
 
@@ -192,13 +213,123 @@ async def test_same_message_id_twice_writes_one_row(
     message_id = uuid.uuid4()
     async with transaction(schema, True) as writer:
         first = await writer.enqueue("orders", b"first", message_id=message_id)
-        again_in_same_transaction = await writer.enqueue("orders", b"second", message_id=message_id)
+        again_in_same_transaction = await writer.enqueue("orders", b"first", message_id=message_id)
     async with transaction(schema, True) as writer:
-        again_later = await writer.enqueue("orders", b"third", message_id=str(message_id))
+        again_later = await writer.enqueue("orders", b"first", message_id=str(message_id))
     [row] = await _rows(pg, schema)
     assert first == EnqueueResult(message_id, inserted=True, id=row["id"])
     assert again_in_same_transaction == again_later == EnqueueResult(message_id, inserted=False, id=None)
     assert row["payload"] == b"first"
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    ("change", "fields"),
+    [
+        ({"payload": {"id": 2}}, ("payload",)),
+        ({"payload": b'{"id":1}'}, ("headers",)),  # the same bytes, but no JSON content-type
+        ({"topic": "payments"}, ("topic",)),
+        ({"key": "order-2"}, ("key",)),
+        ({"key": None}, ("key",)),
+        ({"headers": {"tenant": "other"}}, ("headers",)),
+        ({"headers": {}}, ("headers",)),
+        ({"topic": "payments", "payload": "x", "key": None}, ("topic", "key", "payload", "headers")),
+    ],
+)
+async def test_same_message_id_with_other_content_is_a_conflict(
+    transaction: Transaction,
+    schema: str,
+    pg: asyncpg.Connection,
+    change: dict[str, Any],
+    fields: tuple[str, ...],
+) -> None:
+    message_id = uuid.uuid4()
+    event: dict[str, Any] = {
+        "topic": "orders",
+        "payload": {"id": 1},
+        "key": "order-1",
+        "headers": {"tenant": "a"},
+    }
+    async with transaction(schema, True) as writer:
+        first = await writer.enqueue(**event, message_id=message_id)
+        with pytest.raises(OutboxConflictError) as in_same_transaction:
+            await writer.enqueue(**{**event, **change}, message_id=message_id)
+    async with transaction(schema, False) as writer:
+        with pytest.raises(OutboxConflictError) as later:
+            await writer.enqueue(**{**event, **change}, message_id=str(message_id))
+    for info in (in_same_transaction, later):
+        assert info.value.conflicts == {message_id: fields}
+        assert str(message_id) in str(info.value)
+    # The same event again is an idempotent retry, even under another trace.
+    async with transaction(schema, True) as writer:
+        retried = await writer.enqueue(
+            **{**event, "headers": {"tenant": "a", "traceparent": TRACEPARENT}}, message_id=message_id
+        )
+    assert retried == EnqueueResult(message_id, inserted=False, id=None)
+    [row] = await _rows(pg, schema)
+    assert first.id == row["id"] and row["payload"] == b'{"id":1}'
+
+
+async def test_enqueue_many_conflict_names_every_conflicting_message_id(
+    transaction: Transaction, schema: str, pg: asyncpg.Connection
+) -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    async with transaction(schema, True) as writer:
+        await writer.enqueue_many(
+            [OutboxEvent("orders", b"a", message_id=a), OutboxEvent("orders", b"b", message_id=b)]
+        )
+    events = [
+        OutboxEvent("orders", b"new"),
+        OutboxEvent("orders", b"b", key="k", message_id=b),
+        OutboxEvent("orders", b"a", message_id=a),  # the same: no conflict
+        OutboxEvent("orders", b"A", message_id=a),  # ...but this one differs from it
+    ]
+    async with transaction(schema, False) as writer:
+        with pytest.raises(OutboxConflictError, match=f"message_id {a} appears twice in this call"):
+            await writer.enqueue_many(events)
+    # Against stored rows: the conflict is reported after the statement; the rest of the call was
+    # written in the caller's transaction, which decides (here: commits).
+    async with transaction(schema, True) as writer:
+        with pytest.raises(OutboxConflictError) as info:
+            await writer.enqueue_many(events[:3])
+    assert info.value.message_ids == (b,)
+    assert info.value.conflicts == {b: ("key",)}
+    assert [row["payload"] for row in await _rows(pg, schema)] == [b"a", b"b", b"new"]
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same", "different"])
+async def test_row_committed_by_a_concurrent_transaction_is_compared_too(
+    transaction: Transaction, schema: str, database_url: str, pg: asyncpg.Connection, same: bool
+) -> None:
+    """The INSERT waits for a concurrent transaction holding the same message_id; when that commits,
+    the row is not in the statement's snapshot and a second statement compares it."""
+    message_id = uuid.uuid4()
+    other = psycopg.connect(database_url)
+    other.execute(
+        f'INSERT INTO "{schema}".outbox (message_id, topic, payload) VALUES (%s, %s, %s)',
+        (message_id, "orders", b"theirs"),
+    )
+    # A thread commits it: a sync driver blocks this event loop while its INSERT waits for the row lock.
+    commit = threading.Timer(0.5, other.commit)
+    commit.start()
+    try:
+        async with transaction(schema, True) as writer:
+            if same:
+                result = await writer.enqueue("orders", b"theirs", message_id=message_id)
+            else:
+                with pytest.raises(OutboxConflictError) as info:
+                    await writer.enqueue("orders", b"mine", message_id=message_id)
+    finally:
+        commit.join()
+        other.close()
+    if same:
+        assert result == EnqueueResult(message_id, inserted=False, id=None)
+    else:
+        assert info.value.conflicts == {message_id: ("payload",)}
+    [row] = await _rows(pg, schema)
+    assert row["payload"] == b"theirs"
 
 
 async def test_enqueue_many_is_one_statement_in_input_order(
@@ -212,9 +343,9 @@ async def test_enqueue_many_is_one_statement_in_input_order(
     events = [
         OutboxEvent("orders", b"1", key="order-1", message_id=repeated),
         OutboxEvent("payments", {"n": 2}, key="order-1"),
-        OutboxEvent("orders", b"3", message_id=existing),
+        OutboxEvent("orders", b"existing", message_id=existing),
         OutboxEvent("orders", "4", key="order-2", headers={"h": "v"}),
-        OutboxEvent("orders", b"5", message_id=repeated),
+        OutboxEvent("orders", b"1", key="order-1", message_id=repeated),
     ]
     before = await statements()
     async with transaction(schema, True) as writer:
@@ -270,6 +401,28 @@ async def test_asyncpg_enqueue_many_is_one_round_trip(database_url: str, schema:
     ids = [r.id for r in results]
     assert all(r.inserted for r in results)
     assert ids == sorted(ids) and len(set(ids)) == 50
+
+
+async def test_asyncpg_conflict_check_is_in_the_same_round_trip(database_url: str, schema: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    message_id = uuid.uuid4()
+    queries: list[str] = []
+    try:
+        async with conn.transaction():
+            await aenqueue(conn, "orders", b"x", message_id=message_id, schema=schema)
+            again = await _logging_queries(
+                conn, queries, aenqueue(conn, "orders", b"x", message_id=message_id, schema=schema)
+            )
+            conflict: list[str] = []
+            with pytest.raises(OutboxConflictError):
+                await _logging_queries(
+                    conn, conflict, aenqueue(conn, "orders", b"y", message_id=message_id, schema=schema)
+                )
+    finally:
+        await conn.close()
+    assert again.inserted is False
+    assert len(queries) == 1 and "INSERT INTO" in queries[0]
+    assert conflict == queries
 
 
 async def _logging_queries(conn: asyncpg.Connection, queries: list[str], call: Awaitable[Any]) -> Any:

@@ -13,7 +13,7 @@ import pytest
 from relay.coordinator import fair_share
 from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.leases import Lease, trust_window
-from relay.pauses import glob_to_like
+from relay.pauses import PauseState, glob_to_like
 from relay.retry import Backoff, RetryPolicy, SinkBackoff
 from relay.worker import plan_batch, settle_plan
 
@@ -261,6 +261,33 @@ def test_shares_over_healthy_instances_add_up_to_the_partition_count(instances: 
 )
 def test_glob_to_like(glob: str, like: str) -> None:
     assert glob_to_like(glob) == like
+
+
+@pytest.mark.parametrize(
+    ("topic", "pattern", "paused"),
+    [
+        ("orders.eu", "orders.*", True),
+        ("orders", "orders.*", False),
+        ("orders.1", "orders.?", True),
+        ("a_b", "a_b", True),
+        ("axb", "a_b", False),
+        ("100%", "100%", True),
+        # '[' and ']' are themselves, as in the claim's LIKE: not a character class as in fnmatch.
+        ("orders.a", "orders.[ab]", False),
+        ("orders.[ab]", "orders.[ab]", True),
+    ],
+)
+def test_pauses_match_topics_as_the_claims_like_does(topic: str, pattern: str, paused: bool) -> None:
+    from relay.pauses import glob_matches
+
+    assert glob_matches(topic, pattern) is paused
+    assert PauseState.is_paused(_paused_by(pattern), topic) is paused
+
+
+def _paused_by(pattern: str) -> PauseState:
+    state = PauseState(store=None)  # type: ignore[arg-type]
+    state._patterns = (pattern,)
+    return state
 
 
 # -- leases ----------------------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import datetime
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,36 +19,52 @@ from sqlalchemy.orm import Session
 
 from clients import (
     EnqueueResult,
+    OutboxConflictError,
     OutboxEvent,
     OutboxValidationError,
+    OutboxWriterError,
     aenqueue,
     aenqueue_many,
     enqueue,
     enqueue_many,
 )
+from clients import writer as writer_module
+from clients.writer import MAX_HEADER_COUNT, MAX_HEADER_NAME_BYTES, MAX_HEADERS_BYTES, MAX_KEY_BYTES
+
+Record = tuple[str, int | None, list[str] | None]
 
 
 class _Result:
-    def __init__(self, rows: list[tuple[int, str]]) -> None:
+    def __init__(self, rows: list[Record]) -> None:
         self._rows = rows
 
-    def all(self) -> list[tuple[int, str]]:
+    def all(self) -> list[Record]:
         return self._rows
 
 
-def _fake_insert(statement: Any, params: dict[str, list[Any]], existing: set[str]) -> _Result:
-    new = [mid for mid in params["message_ids"] if mid not in existing]
-    return _Result([(number, mid) for number, mid in enumerate(new, start=1)])
+def _fake_insert(statement: Any, params: dict[str, list[Any]], existing: dict[str, list[str]]) -> _Result:
+    """Rows as the INSERT answers: (message_id, new id, None) for a new row, (message_id, None, the
+    differing fields) for one that existed."""
+    rows: list[Record] = []
+    number = 0
+    for mid in params["message_ids"]:
+        if mid in existing:
+            rows.append((mid, None, existing[mid]))
+        else:
+            number += 1
+            rows.append((mid, number, None))
+    return _Result(rows)
 
 
 class RecordingSession(Session):
     """A real SQLAlchemy Session type that never reaches a database: it records each statement and
-    answers as the INSERT would, treating `existing` message ids as already stored."""
+    answers as the INSERT would, treating `existing` message ids as already stored (with the fields
+    in which the stored row differs from what is written)."""
 
-    def __init__(self, existing: set[str] | None = None) -> None:
+    def __init__(self, existing: dict[str, list[str]] | None = None) -> None:
         super().__init__()
         self.calls: list[tuple[str, dict[str, list[Any]]]] = []
-        self.existing = existing or set()
+        self.existing = existing or {}
 
     def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
         self.calls.append((str(statement), params))
@@ -59,7 +78,7 @@ class RecordingAsyncSession(AsyncSession):
 
     async def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
         self.calls.append((str(statement), params))
-        return _fake_insert(statement, params, set())
+        return _fake_insert(statement, params, {})
 
 
 @pytest.fixture
@@ -104,6 +123,32 @@ def _headers_sent(session: RecordingSession) -> dict[str, str]:
         ({"schema": "Bad-Schema"}, "schema name 'Bad-Schema' must be a lower-case SQL identifier"),
         ({"schema": 'outbox"; DROP TABLE x; --'}, "must be a lower-case SQL identifier"),
         ({"max_payload_bytes": 0}, "max_payload_bytes must be a positive int"),
+        # Lone surrogates have no UTF-8 form; NUL does not fit in PostgreSQL text or jsonb.
+        ({"topic": "or\ud800ders"}, "topic is not valid Unicode: lone surrogate '\\ud800' at index 2"),
+        ({"key": "a\udc80"}, "key is not valid Unicode: lone surrogate '\\udc80' at index 1"),
+        ({"key": "a\x00b"}, "key must not contain NUL characters"),
+        ({"key": b"order-1"}, "key must be a str or None, got bytes"),
+        ({"key": "k" * 1025}, "key is 1025 bytes in UTF-8; the limit is 1024"),
+        ({"key": "é" * 513}, "key is 1026 bytes in UTF-8; the limit is 1024"),
+        ({"headers": {"a\x00": "v"}}, "header name 'a\\x00' must not contain NUL characters"),
+        ({"headers": {"a": "v\x00"}}, "header 'a' value must not contain NUL characters"),
+        ({"headers": {"\ud800": "v"}}, "header name '\\ud800' is not valid Unicode: lone surrogate"),
+        ({"headers": {"a": "\udfff"}}, "header 'a' value is not valid Unicode: lone surrogate '\\udfff'"),
+        ({"headers": {"a": None}}, "header 'a' has a str name and a NoneType value"),
+        ({"headers": {"a": b"v"}}, "header 'a' has a str name and a bytes value"),
+        ({"headers": {b"a": "v"}}, "header b'a' has a bytes name and a str value"),
+        ({"headers": "a=b"}, "headers must be a dict of str to str, got str"),
+        ({"headers": {"n" * 257: "v"}}, "is 257 bytes in UTF-8; the limit is 256"),
+        ({"headers": {f"h{n}": "v" for n in range(65)}}, "headers has 65 entries; the limit is 64"),
+        ({"headers": {"big": "x" * 16_382}}, "headers are 16385 bytes (names and values"),
+        (
+            {"payload": {"s": "\ud800"}},
+            "payload of type dict cannot be JSON-encoded: a string in it has a lone",
+        ),
+        ({"payload": {"\udc00": 1}}, "payload of type dict cannot be JSON-encoded"),
+        ({"payload": ["ok", "\ud83d"]}, "lone surrogate '\\ud83d' at index 7 of the JSON text"),
+        ({"schema": 42}, "schema must be a str, got int"),
+        ({"schema": "outbox\n"}, "must be a lower-case SQL identifier"),
     ],
 )
 def test_bad_input_is_rejected_before_the_database(
@@ -139,6 +184,77 @@ def test_payload_over_the_limit_names_size_and_limit(session: RecordingSession) 
 def test_limits_are_inclusive(session: RecordingSession) -> None:
     enqueue(session, "t" * 249, b"x" * 10, max_payload_bytes=10)
     assert _sent(session, "topics") == ["t" * 249]
+
+
+@pytest.mark.parametrize(
+    ("key", "headers"),
+    [
+        ("k" * MAX_KEY_BYTES, None),
+        ("é" * (MAX_KEY_BYTES // 2), None),
+        (None, {f"h{n}": "v" for n in range(MAX_HEADER_COUNT)}),
+        (None, {"n" * MAX_HEADER_NAME_BYTES: "v"}),
+        (None, {"big": "x" * (MAX_HEADERS_BYTES - 3)}),
+    ],
+)
+def test_key_and_header_limits_are_inclusive(
+    session: RecordingSession, key: str | None, headers: dict[str, str] | None
+) -> None:
+    enqueue(session, "orders", b"x", key=key, headers=headers)
+    assert _sent(session, "keys") == [key]
+
+
+def test_key_and_headers_count_toward_max_payload_bytes(session: RecordingSession) -> None:
+    with pytest.raises(
+        OutboxValidationError, match=_literal("event is 11 bytes (payload 10 + key 1 + headers 0)")
+    ):
+        enqueue(session, "orders", b"x" * 10, key="k", max_payload_bytes=10)
+    with pytest.raises(
+        OutboxValidationError, match=_literal("event is 10 bytes (payload 5 + key 0 + headers 5)")
+    ):
+        enqueue(session, "orders", b"x" * 5, headers={"ab": "cde"}, max_payload_bytes=9)
+    # The content-type the writer adds for JSON counts too: 2 + len("content-type") + len("application/json").
+    with pytest.raises(
+        OutboxValidationError, match=_literal("event is 30 bytes (payload 2 + key 0 + headers 28)")
+    ):
+        enqueue(session, "orders", {}, max_payload_bytes=29)
+    assert session.calls == []
+    enqueue(session, "orders", {}, max_payload_bytes=30)
+    assert len(session.calls) == 1
+
+
+def test_headers_added_by_the_writer_count_toward_the_headers_limit(
+    session: RecordingSession,
+) -> None:
+    headers = {"big": "x" * (MAX_HEADERS_BYTES - 3)}
+    with pytest.raises(OutboxValidationError, match="those added by the writer included"):
+        enqueue(session, "orders", {"id": 1}, headers=headers, max_payload_bytes=10**6)
+    assert session.calls == []
+
+
+def test_every_check_runs_before_the_database_for_every_driver_function() -> None:
+    # The async functions validate before they await anything.
+    async_session = RecordingAsyncSession()
+    with pytest.raises(OutboxValidationError, match="key must not contain NUL"):
+        asyncio.run(aenqueue(async_session, "orders", b"x", key="\x00"))
+    with pytest.raises(OutboxValidationError, match=r"events\[1\]: header 'a' value is not valid Unicode"):
+        asyncio.run(
+            aenqueue_many(
+                async_session, [OutboxEvent("orders", b"1"), OutboxEvent("o", b"2", headers={"a": "\ud800"})]
+            )
+        )
+    assert async_session.calls == []
+
+
+def test_writer_module_imports_no_heavy_or_relay_module() -> None:
+    # Applications import the writer; it must not drag in pydantic, gRPC or the relay.
+    source = Path(writer_module.__file__ or "").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported.isdisjoint({"pydantic", "pydantic_settings", "grpc", "relay", "control"}), imported
 
 
 def test_enqueue_many_validates_every_event_before_writing(session: RecordingSession) -> None:
@@ -222,6 +338,9 @@ def test_bytes_and_str_are_stored_as_they_are(
 @pytest.mark.parametrize(
     ("payload", "stored"),
     [
+        # Non-ASCII text stays \u-escaped (stored bytes do not change with this version); NUL is fine
+        # in a JSON payload (it is escaped, and the payload is bytea).
+        ({"s": "é😀\x7f\x00"}, b'{"s":"\\u00e9\\ud83d\\ude00\\u007f\\u0000"}'),
         ({"id": 1, "items": ["a", "b"]}, b'{"id":1,"items":["a","b"]}'),
         ([1, 2.5, None], b"[1,2.5,null]"),
         (42, b"42"),
@@ -266,9 +385,32 @@ def test_message_id_may_be_a_uuid_or_a_str(session: RecordingSession) -> None:
 
 def test_existing_message_id_reports_not_inserted() -> None:
     given = uuid.uuid4()
-    with RecordingSession(existing={str(given)}) as session:
+    with RecordingSession(existing={str(given): []}) as session:
         result = enqueue(session, "orders", b"x", message_id=given)
     assert result == EnqueueResult(given, inserted=False, id=None)
+
+
+def test_existing_message_id_with_other_content_is_a_conflict() -> None:
+    given, fresh = uuid.uuid4(), uuid.uuid4()
+    with (
+        RecordingSession(existing={str(given): ["payload", "headers"]}) as session,
+        pytest.raises(OutboxConflictError) as info,
+    ):
+        enqueue_many(
+            session,
+            [
+                OutboxEvent("orders", b"new", message_id=fresh),
+                OutboxEvent("orders", b"x", message_id=given),
+            ],
+        )
+    error = info.value
+    assert isinstance(error, OutboxWriterError) and not isinstance(error, OutboxValidationError)
+    assert error.message_ids == (given,)
+    assert error.conflicts == {given: ("payload", "headers")}
+    assert str(error) == (
+        f"message_id {given} is already in the outbox with a different payload and headers; "
+        "reuse a message_id only to retry the same event"
+    )
 
 
 def test_duplicates_in_one_call_are_sent_once_and_reported_after_the_first(session: RecordingSession) -> None:
@@ -276,12 +418,46 @@ def test_duplicates_in_one_call_are_sent_once_and_reported_after_the_first(sessi
     events = [
         OutboxEvent("orders", b"1", message_id=a),
         OutboxEvent("orders", b"2", message_id=b),
-        OutboxEvent("orders", b"3", message_id=str(a)),
+        OutboxEvent("orders", b"1", message_id=str(a)),
     ]
     results = enqueue_many(session, events)
     assert _sent(session, "message_ids") == [str(a), str(b)]
     assert _sent(session, "payloads") == [b"1", b"2"]
     assert results == [EnqueueResult(a, True, 1), EnqueueResult(b, True, 2), EnqueueResult(a, False, None)]
+
+
+@pytest.mark.parametrize(
+    ("second", "fields"),
+    [
+        (OutboxEvent("orders", b"2"), ("payload",)),
+        (OutboxEvent("payments", b"1", key="k"), ("topic", "key")),
+        (OutboxEvent("orders", b"1", headers={"tenant": "b"}), ("headers",)),
+        (OutboxEvent("orders", {"n": 1}), ("payload", "headers")),
+    ],
+)
+def test_one_message_id_for_two_events_in_one_call_is_a_conflict_before_the_database(
+    session: RecordingSession, second: OutboxEvent, fields: tuple[str, ...]
+) -> None:
+    a = uuid.uuid4()
+    events = [
+        OutboxEvent("orders", b"1", message_id=a, headers={"tenant": "a"} if "headers" in fields else None),
+        OutboxEvent(second.topic, second.payload, key=second.key, headers=second.headers, message_id=a),
+    ]
+    with pytest.raises(OutboxConflictError, match=f"message_id {a} appears twice in this call") as info:
+        enqueue_many(session, events)
+    assert info.value.conflicts == {a: fields}
+    assert session.calls == []
+
+
+def test_trace_context_does_not_make_a_retry_a_conflict(session: RecordingSession) -> None:
+    a = uuid.uuid4()
+    events = [
+        OutboxEvent(
+            "orders", b"1", message_id=a, headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+        ),
+        OutboxEvent("orders", b"1", message_id=a, headers={"tracestate": "vendor=1"}),
+    ]
+    assert [r.inserted for r in enqueue_many(session, events)] == [True, False]
 
 
 # --- trace context ----------------------------------------------------------------------------------

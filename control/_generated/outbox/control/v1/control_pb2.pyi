@@ -384,16 +384,18 @@ class ReplayDeadLettersResponse(_message.Message):
     def __init__(self, replayed_count: _Optional[int] = ..., skipped_already_replayed_count: _Optional[int] = ..., not_found_count: _Optional[int] = ..., replayed_ids: _Optional[_Iterable[int]] = ..., skipped_already_replayed_ids: _Optional[_Iterable[int]] = ..., not_found_ids: _Optional[_Iterable[int]] = ..., ids_truncated: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class PurgeDeadLettersRequest(_message.Message):
-    __slots__ = ("ids", "filter", "dry_run", "operator")
+    __slots__ = ("ids", "filter", "dry_run", "operator", "all_dead_letters")
     IDS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    ALL_DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     filter: DeadLetterFilter
     dry_run: bool
     operator: str
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., filter: _Optional[_Union[DeadLetterFilter, _Mapping]] = ..., dry_run: _Optional[bool] = ..., operator: _Optional[str] = ...) -> None: ...
+    all_dead_letters: bool
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., filter: _Optional[_Union[DeadLetterFilter, _Mapping]] = ..., dry_run: _Optional[bool] = ..., operator: _Optional[str] = ..., all_dead_letters: _Optional[bool] = ...) -> None: ...
 
 class PurgeDeadLettersResponse(_message.Message):
     __slots__ = ("purged_count", "not_found_count", "dry_run")
@@ -406,20 +408,22 @@ class PurgeDeadLettersResponse(_message.Message):
     def __init__(self, purged_count: _Optional[int] = ..., not_found_count: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("id", "at", "actor", "action", "arguments_json", "result_json")
+    __slots__ = ("id", "at", "actor", "action", "arguments_json", "result_json", "client_identity")
     ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     id: int
     at: _timestamp_pb2.Timestamp
     actor: str
     action: str
     arguments_json: str
     result_json: str
-    def __init__(self, id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., arguments_json: _Optional[str] = ..., result_json: _Optional[str] = ...) -> None: ...
+    client_identity: str
+    def __init__(self, id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., arguments_json: _Optional[str] = ..., result_json: _Optional[str] = ..., client_identity: _Optional[str] = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "action")

@@ -174,7 +174,9 @@ class ControlServiceServicer:
 
     def DeadLetterNow(self, request, context):
         """DeadLetterNow moves one unpublished event from the outbox into the dead-letter archive with
-        reason 'operator'. NOT_FOUND if no such event; FAILED_PRECONDITION if it is already published.
+        reason 'operator'. NOT_FOUND if no such event; FAILED_PRECONDITION if it is already published,
+        or if a relay may be publishing it right now: its partition's lease is held and the event is
+        not waiting for a retry (park it while it waits for one, see ListStuck, or once the lease is free).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,15 +200,19 @@ class ControlServiceServicer:
         """ReplayDeadLetters inserts dead letters back into the outbox as new events (new message_id,
         headers x-replayed-from and x-replay-request added), in dead-letter id order. Idempotent per
         request_id; without force each dead letter is replayed at most once, whatever the request.
-        Large replays run as several transactions, paced by the server's replay rate; if a call fails
-        part-way, the part done stays done and repeating it with the same request_id finishes it.
+        Large replays run as several transactions, paced by the server's replay rate, which every
+        request and every control-plane replica share; if a call fails part-way, the part done stays
+        done and repeating it with the same request_id finishes it. Each call that replays writes its
+        audit row when it starts (result status 'running') and updates it as chunks commit ('done' at
+        the end; 'interrupted' if another call with the same request_id finished the request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PurgeDeadLetters(self, request, context):
-        """PurgeDeadLetters deletes dead letters from the archive.
+        """PurgeDeadLetters deletes dead letters from the archive, in transactions of at most 1000 rows;
+        if a call fails part-way, the batches done stay done (and audited) and repeating it purges the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
