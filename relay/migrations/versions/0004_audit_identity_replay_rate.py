@@ -27,12 +27,11 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE {s}.audit_log ADD COLUMN IF NOT EXISTS client_identity text")
     # One row per shared rate ('replay'): every control-plane replica takes its replay chunks' rows
     # from it in one atomic UPDATE, so parallel requests and replicas share one rate.
-    op.execute(f"""
-        CREATE TABLE IF NOT EXISTS {s}.rate_buckets (
-            name text PRIMARY KEY,
-            tokens double precision NOT NULL,
-            updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
-        )""")
+    op.execute(f"""CREATE TABLE {s}.rate_buckets (
+        name text PRIMARY KEY,
+        tokens double precision NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""")
 
 
 def downgrade() -> None:
