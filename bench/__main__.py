@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
-    for noisy in ("aiokafka", "alembic", "relay.embedded", "asyncio"):
+    for noisy in ("aiokafka", "alembic", "devtools.embedded", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     plan = Plan.smoke(args.reps) if args.quick else Plan.full(args.reps)
     started = datetime.now(UTC)

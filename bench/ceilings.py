@@ -22,8 +22,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from bench import workload
-from bench.stack import Servers, create_topic, delete_topic, fresh_schema, redis_delete
+from bench.stack import Servers, create_topic, delete_topic, fresh_schema
 from clients.writer import aenqueue
+from devtools.fleet import redis_delete
 from relay.sinks.kafka_batches import KeyPartitioner
 from relay.sinks.redis import XADD_BATCH_SCRIPT, script_args
 

@@ -22,7 +22,6 @@ from bench.report import Bar, Figure, Results
 from bench.stack import (
     BenchError,
     Servers,
-    count_kafka_records,
     cpu_by_pid,
     create_topic,
     dead_letters,
@@ -34,13 +33,13 @@ from bench.stack import (
     pending,
     postgres_cpu_since,
     postgres_processes,
-    redis_delete,
-    redis_stream_length,
+    relay_cpu_seconds,
     relays,
     wait_drained,
 )
 from bench.stats import latency_summary, median, ratio, time_bins, value_at_fraction
 from clients.writer import aenqueue
+from devtools.fleet import count_kafka_records, redis_delete, redis_stream_length
 from relay.config import RelaySettings
 
 log = logging.getLogger("bench")
@@ -175,11 +174,11 @@ async def drain_once(
             async with relays(servers, conn, schema, instances, sink, **extra) as fleet:
                 await workload.bulk_insert(conn, schema, topic, rows, size)
                 committed = time.monotonic()
-                relay0, machine0 = fleet.cpu_seconds(), machine_cpu()
+                relay0, machine0 = relay_cpu_seconds(fleet), machine_cpu()
                 pg0 = cpu_by_pid(postgres_processes(servers))
                 emptied = await wait_drained(conn, schema, timeout=600, relays=fleet, every=0.025)
                 elapsed = emptied - committed
-                relay_cpu = (fleet.cpu_seconds() - relay0) / elapsed
+                relay_cpu = (relay_cpu_seconds(fleet) - relay0) / elapsed
                 pg_cpu = postgres_cpu_since(servers, pg0) / elapsed
                 busy = machine_busy_since(machine0)
             if await dead_letters(conn, schema):
@@ -428,11 +427,11 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                                     schema=schema,
                                 )
 
-                        cpu0, machine0 = fleet.cpu_seconds(), machine_cpu()
+                        cpu0, machine0 = relay_cpu_seconds(fleet), machine_cpu()
                         pg0 = cpu_by_pid(postgres_processes(servers))
                         began = time.monotonic()
                         committed = await paced(rate, seconds + plan.latency_warmup, 16, write)
-                        relay_cpu = (fleet.cpu_seconds() - cpu0) / (time.monotonic() - began)
+                        relay_cpu = (relay_cpu_seconds(fleet) - cpu0) / (time.monotonic() - began)
                         pg_cpu = postgres_cpu_since(servers, pg0) / (time.monotonic() - began)
                         busy = machine_busy_since(machine0)
                         await wait_drained(conn, schema, timeout=120, relays=fleet, every=0.1)

@@ -1,15 +1,11 @@
-"""The servers (embedded, or external ones from OUTBOX_BENCH_*), fresh schemas and topics, and relay
-instances run as real `outbox-relay run` processes."""
+"""The servers (embedded, or external ones from OUTBOX_BENCH_*), fresh schemas and topics, relay
+fleets (devtools.fleet: real `outbox-relay run` processes) and CPU accounting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -19,24 +15,20 @@ from pathlib import Path
 
 import asyncpg
 import psutil
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import SecretStr
 
+from devtools.embedded import EmbeddedStack, StackEndpoints, external_or_embedded
+from devtools.fleet import Fleet, FleetError, create_kafka_topic, delete_kafka_topic, relay_env
 from relay import migrate
 from relay.config import DatabaseSettings
-from relay.embedded import EmbeddedStack, StackEndpoints, external_or_embedded
 
 log = logging.getLogger("bench")
 
 ENV_PREFIX = "OUTBOX_BENCH_"
 PARTITIONS = 8  # per Kafka topic
-RELAY_PARTITIONS = 16  # the relay's default OUTBOX_PARTITIONS
 
-
-class BenchError(RuntimeError):
-    pass
+# A relay that exits or a fleet that does not balance fails the bench like any other BenchError.
+BenchError = FleetError
 
 
 @dataclass
@@ -131,7 +123,7 @@ async def wait_drained(
     conn: asyncpg.Connection,
     schema: str,
     timeout: float,
-    relays: RelayFleet | None = None,
+    relays: Fleet | None = None,
     every: float = 0.02,
 ) -> float:
     """Polls until the outbox is empty; returns the monotonic time it was first seen empty."""
@@ -160,187 +152,54 @@ async def server_version(database_url: str) -> str:
 async def create_topic(bootstrap: str, prefix: str = "bench", partitions: int = PARTITIONS) -> str:
     """A fresh topic: Tansu slows down as a partition fills, so every measurement gets its own."""
     name = f"{prefix}.{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
+    await create_kafka_topic(bootstrap, name, partitions)
     return name
 
 
 async def delete_topic(bootstrap: str, name: str) -> None:
     """Frees the broker's memory (Tansu keeps everything in memory); failures are ignored."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        await admin.start()
-        await admin.delete_topics([name])
-    except Exception as exc:  # best effort
-        log.debug("could not delete topic %s: %s", name, exc)
-    finally:
-        await admin.close()
-
-
-async def count_kafka_records(bootstrap: str, topic: str, expected: int, idle: float = 3.0) -> int:
-    """Reads the topic from the start and counts records (Tansu's end offsets cannot be trusted).
-    Stops at `expected` or after `idle` seconds without a new record."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=5,
-        max_partition_fetch_bytes=8 * 2**20,
-        fetch_max_bytes=64 * 2**20,
-    )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        count, last_progress = 0, time.monotonic()
-        while count < expected and time.monotonic() - last_progress < idle:
-            batch = await consumer.getmany(timeout_ms=200, max_records=20_000)
-            got = sum(len(records) for records in batch.values())
-            if got:
-                count += got
-                last_progress = time.monotonic()
-        return count
-    finally:
-        await consumer.stop()
-
-
-async def redis_stream_length(url: str, stream: str) -> int:
-    client = aioredis.from_url(url)
-    try:
-        return int(await client.xlen(stream))
-    finally:
-        await client.aclose()
-
-
-async def redis_delete(url: str, *keys: str) -> None:
-    client = aioredis.from_url(url)
-    try:
-        await client.delete(*keys)
-    finally:
-        await client.aclose()
+    if not await delete_kafka_topic(bootstrap, name):
+        log.debug("could not delete topic %s", name)
 
 
 # --- relay processes --------------------------------------------------------------------------------
 
 
-def relay_env(servers: Servers, schema: str, sink: str = "kafka", **extra: str) -> dict[str, str]:
+def bench_relay_env(servers: Servers, schema: str, sink: str = "kafka", **extra: str) -> dict[str, str]:
     """The environment of an `outbox-relay run` process: defaults everywhere but what a bench sets."""
-    env = {
-        "OUTBOX_DATABASE_URL": servers.db,
-        "OUTBOX_SCHEMA": schema,
-        "OUTBOX_DEFAULT_SINK": sink,
-        "OUTBOX_LOG_LEVEL": "WARNING",
-    }
-    if servers.kafka:
-        env["OUTBOX_KAFKA_BOOTSTRAP"] = servers.kafka
-    if servers.redis:
-        env["OUTBOX_REDIS_URL"] = servers.redis
-    env.update(extra)
-    return env
-
-
-@dataclass
-class RelayFleet:
-    """`count` relay instances as child processes (`python -m relay run`, i.e. `outbox-relay run`)."""
-
-    env: dict[str, str]
-    logs: Path
-    count: int = 1
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    log_paths: list[Path] = field(default_factory=list)
-
-    def start(self) -> RelayFleet:
-        run = uuid.uuid4().hex[:6]
-        for index in range(self.count):
-            instance = f"bench-{run}-{index}"
-            path = self.logs / f"{instance}.log"
-            base = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-            env = {**base, **self.env, "OUTBOX_INSTANCE_ID": instance, "PYTHONUNBUFFERED": "1"}
-            with path.open("ab") as out:
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "relay", "run"],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
-            self.log_paths.append(path)
-        return self
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
-
-    def check_alive(self) -> None:
-        for process, path in zip(self.processes, self.log_paths, strict=True):
-            if process.poll() is not None:
-                tail = path.read_text(errors="replace")[-1500:] if path.exists() else ""
-                raise BenchError(f"relay process {process.pid} exited with {process.returncode}:\n{tail}")
-
-    async def wait_balanced(self, conn: asyncpg.Connection, schema: str, timeout: float = 60.0) -> float:
-        """Until every instance holds its fair share of the partition leases; returns seconds waited."""
-        started = time.monotonic()
-        share = RELAY_PARTITIONS // self.count
-        while True:
-            self.check_alive()
-            rows = await conn.fetch(
-                f'/* bench */ SELECT holder, count(*) AS benchprobe_held FROM "{schema}".distributed_locks'
-                " WHERE name LIKE 'partition:%' AND holder IS NOT NULL AND expires_at > now()"
-                " GROUP BY holder"
-            )
-            held = [int(r["benchprobe_held"]) for r in rows]
-            if len(held) == self.count and sum(held) == RELAY_PARTITIONS and min(held) >= share:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout:
-                raise BenchError(f"relays did not balance within {timeout:.0f}s: {held}")
-            await asyncio.sleep(0.1)
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for process in self.processes:
-            with contextlib.suppress(psutil.Error):
-                times = psutil.Process(process.pid).cpu_times()
-                total += times.user + times.system
-        return total
-
-    def stop(self, timeout: float = 30.0) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in self.processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    async def astop(self) -> None:
-        await asyncio.to_thread(self.stop)
+    return relay_env(
+        servers.db,
+        schema,
+        servers.kafka,
+        servers.redis,
+        tuning={},
+        OUTBOX_DEFAULT_SINK=sink,
+        OUTBOX_LOG_LEVEL="WARNING",
+        **extra,
+    )
 
 
 @contextlib.asynccontextmanager
 async def relays(
     servers: Servers, conn: asyncpg.Connection, schema: str, count: int = 1, sink: str = "kafka", **extra: str
-) -> AsyncIterator[RelayFleet]:
+) -> AsyncIterator[Fleet]:
     """Started, balanced relay processes, stopped (SIGTERM) on exit."""
-    fleet = RelayFleet(relay_env(servers, schema, sink, **extra), servers.logs, count).start()
+    fleet = Fleet(servers.db, schema, servers.logs, bench_relay_env(servers, schema, sink, **extra))
     try:
-        await fleet.wait_balanced(conn, schema)
+        fleet.spawn_many(count, prefix="bench")
+        await fleet.wait_partitions(60, balanced=True, require_alive=True, conn=conn)
         yield fleet
     finally:
         await fleet.astop()
+
+
+def relay_cpu_seconds(fleet: Fleet) -> float:
+    """CPU seconds the fleet's relay processes have used so far."""
+    processes = []
+    for pid in fleet.pids:
+        with contextlib.suppress(psutil.Error):
+            processes.append(psutil.Process(pid))
+    return cpu_seconds(processes)
 
 
 def postgres_processes(servers: Servers) -> list[psutil.Process]:

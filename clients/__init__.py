@@ -1,5 +1,7 @@
 """Client-side helpers for applications that write to the outbox."""
 
+from typing import TYPE_CHECKING, Any
+
 from clients.writer import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     EnqueueResult,
@@ -26,20 +28,9 @@ __all__ = [
     "enqueue_many",
 ]
 
-# The control-plane clients (gRPC ControlService); see clients.control for the result types.
-from clients.control import (
-    AsyncControlClient,
-    ControlClient,
-    ControlError,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
-)
-
+# The control-plane clients (gRPC ControlService); see clients.control for the result types. They are
+# loaded on first use (PEP 562), so that applications that only write events never import grpc or protobuf.
+_WRITER_NAME_COUNT = len(__all__)
 __all__ += [
     "AsyncControlClient",
     "ControlClient",
@@ -52,3 +43,32 @@ __all__ += [
     "Unauthenticated",
     "Unavailable",
 ]
+_CONTROL_NAMES = frozenset(__all__[_WRITER_NAME_COUNT:])
+
+if TYPE_CHECKING:
+    from clients.control import (
+        AsyncControlClient,
+        ControlClient,
+        ControlError,
+        DeadlineExceeded,
+        FailedPrecondition,
+        InvalidArgument,
+        NotFound,
+        PermissionDenied,
+        Unauthenticated,
+        Unavailable,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONTROL_NAMES:
+        import clients.control
+
+        value = getattr(clients.control, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CONTROL_NAMES))

@@ -46,8 +46,8 @@ from clients.control import (
     Unavailable,
     parse_event_ref,
 )
-from relay.config_errors import remember_environment_secrets
-from relay.dburl import redact
+from relay.shared.config_errors import remember_environment_secrets
+from relay.shared.redaction import redact
 
 T = TypeVar("T")
 
@@ -186,7 +186,7 @@ def exit_code(error: ControlError) -> int:
 
 def _redact(text: str, options: Options | None) -> str:
     """`text` without the token (from --token, the environment or a file), URL/DSN passwords or any
-    secret this process remembered (relay.dburl.redact)."""
+    secret this process remembered (relay.shared.redaction.redact)."""
     if options is not None:
         if options.config is not None:
             text = options.config.redact(text)

@@ -68,7 +68,7 @@ MAX_HEADERS_BYTES = 16_384  # all header names and values together, those the wr
 JSON_CONTENT_TYPE = "application/json"
 # Trace context differs between attempts of one request: not part of what makes two events the same.
 _PER_ATTEMPT_HEADERS = ("traceparent", "tracestate")
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # as relay.config.validate_schema_name
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # as relay.shared.identifiers.validate_schema_name
 
 # One statement for one event or many: a single round trip whatever the batch size.
 # WITH ORDINALITY + ORDER BY make ids follow input order by definition rather than by plan, which

@@ -25,13 +25,13 @@ def status(value: Status) -> pb.GetStatusResponse:
     return pb.GetStatusResponse(
         instances=[instance(i) for i in value.instances],
         backlog=[
-            pb.TopicBacklog(topic=b.topic, pending_count=b.pending, oldest_pending_age=b.oldest_age)
+            pb.TopicBacklog(topic=b.topic, pending_count=b.pending_count, oldest_pending_age=b.oldest_pending_age)
             for b in value.backlog
         ],
-        dead_letter_count=value.dead_letters,
+        dead_letter_count=value.dead_letter_count,
         pauses=[pause(p) for p in value.pauses],
         schema_version=value.schema_version,
-        server_time=value.now,
+        server_time=value.server_time,
     )
 
 
@@ -133,11 +133,11 @@ def replay_record(value: ReplayRecord) -> pb.ReplayRecord:
 def replay_result(value: ReplayResult) -> pb.ReplayDeadLettersResponse:
     return pb.ReplayDeadLettersResponse(
         replayed_count=value.replayed_count,
-        skipped_already_replayed_count=value.skipped_count,
+        skipped_already_replayed_count=value.skipped_already_replayed_count,
         not_found_count=value.not_found_count,
-        replayed_ids=value.replayed,
-        skipped_already_replayed_ids=value.skipped,
-        not_found_ids=value.not_found,
+        replayed_ids=value.replayed_ids,
+        skipped_already_replayed_ids=value.skipped_already_replayed_ids,
+        not_found_ids=value.not_found_ids,
         ids_truncated=value.ids_truncated,
         dry_run=value.dry_run,
     )
@@ -145,7 +145,7 @@ def replay_result(value: ReplayResult) -> pb.ReplayDeadLettersResponse:
 
 def purge_result(value: PurgeResult) -> pb.PurgeDeadLettersResponse:
     return pb.PurgeDeadLettersResponse(
-        purged_count=value.purged, not_found_count=value.not_found, dry_run=value.dry_run
+        purged_count=value.purged_count, not_found_count=value.not_found_count, dry_run=value.dry_run
     )
 
 

@@ -49,10 +49,6 @@ class CallLimits(grpc.aio.ServerInterceptor):
         self._on_mutation = on_mutation
         self._in_flight = 0
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],

@@ -49,10 +49,10 @@ class Instance:
 
 
 @dataclass(frozen=True)
-class Backlog:
+class TopicBacklog:
     topic: str
-    pending: int
-    oldest_age: timedelta
+    pending_count: int
+    oldest_pending_age: timedelta
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,11 @@ class Pause:
 @dataclass(frozen=True)
 class Status:
     instances: list[Instance]
-    backlog: list[Backlog]
-    dead_letters: int
+    backlog: list[TopicBacklog]
+    dead_letter_count: int
     pauses: list[Pause]
     schema_version: str
-    now: datetime
+    server_time: datetime
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class DeadLetterFilter:
         return all(value is None for value in self.sql_args())
 
     def sql_args(self) -> tuple[Any, ...]:
-        """In the order every control_* dead-letter block expects them."""
+        """$1..$5 of every statement using control/queries.sql's {fragment:dead_letter_filter}."""
         return (self.topic, self.key, self.reason, self.archived_after, self.archived_before)
 
     def as_json(self) -> dict[str, Any]:
@@ -200,53 +200,53 @@ class ReplayRequest:
 
 @dataclass
 class ReplayResult:
-    replayed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    not_found: list[int] = field(default_factory=list)
+    replayed_ids: list[int] = field(default_factory=list)
+    skipped_already_replayed_ids: list[int] = field(default_factory=list)
+    not_found_ids: list[int] = field(default_factory=list)
     replayed_count: int = 0
-    skipped_count: int = 0
+    skipped_already_replayed_count: int = 0
     not_found_count: int = 0
     dry_run: bool = False
 
     @property
     def ids_truncated(self) -> bool:
         return (
-            self.replayed_count > len(self.replayed)
-            or self.skipped_count > len(self.skipped)
-            or self.not_found_count > len(self.not_found)
+            self.replayed_count > len(self.replayed_ids)
+            or self.skipped_already_replayed_count > len(self.skipped_already_replayed_ids)
+            or self.not_found_count > len(self.not_found_ids)
         )
 
     def add(self, replayed: list[int], skipped: list[int], not_found: list[int]) -> None:
         self.replayed_count += len(replayed)
-        self.skipped_count += len(skipped)
+        self.skipped_already_replayed_count += len(skipped)
         self.not_found_count += len(not_found)
-        _extend_capped(self.replayed, replayed)
-        _extend_capped(self.skipped, skipped)
-        _extend_capped(self.not_found, not_found)
+        _extend_capped(self.replayed_ids, replayed)
+        _extend_capped(self.skipped_already_replayed_ids, skipped)
+        _extend_capped(self.not_found_ids, not_found)
 
     def counts(self) -> dict[str, int]:
         return {
             "replayed_count": self.replayed_count,
-            "skipped_already_replayed_count": self.skipped_count,
+            "skipped_already_replayed_count": self.skipped_already_replayed_count,
             "not_found_count": self.not_found_count,
         }
 
     def as_json(self) -> dict[str, Any]:
         return {
             **self.counts(),
-            "replayed_ids": self.replayed,
-            "skipped_already_replayed_ids": self.skipped,
-            "not_found_ids": self.not_found,
+            "replayed_ids": self.replayed_ids,
+            "skipped_already_replayed_ids": self.skipped_already_replayed_ids,
+            "not_found_ids": self.not_found_ids,
         }
 
     @classmethod
     def from_json(cls, stored: dict[str, Any], *, dry_run: bool) -> ReplayResult:
         return cls(
-            replayed=list(stored["replayed_ids"]),
-            skipped=list(stored["skipped_already_replayed_ids"]),
-            not_found=list(stored["not_found_ids"]),
+            replayed_ids=list(stored["replayed_ids"]),
+            skipped_already_replayed_ids=list(stored["skipped_already_replayed_ids"]),
+            not_found_ids=list(stored["not_found_ids"]),
             replayed_count=int(stored["replayed_count"]),
-            skipped_count=int(stored["skipped_already_replayed_count"]),
+            skipped_already_replayed_count=int(stored["skipped_already_replayed_count"]),
             not_found_count=int(stored["not_found_count"]),
             dry_run=dry_run,
         )
@@ -258,12 +258,12 @@ def _extend_capped(target: list[int], more: list[int]) -> None:
 
 @dataclass(frozen=True)
 class PurgeResult:
-    purged: int
-    not_found: int
+    purged_count: int
+    not_found_count: int
     dry_run: bool
 
     def as_json(self) -> dict[str, Any]:
-        return {"purged_count": self.purged, "not_found_count": self.not_found}
+        return {"purged_count": self.purged_count, "not_found_count": self.not_found_count}
 
 
 @dataclass(frozen=True)

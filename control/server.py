@@ -25,8 +25,9 @@ from control.limits import CallLimits
 from control.metrics import MetricsInterceptor
 from control.servicer import ControlServicer
 from control.store import ControlStore, ReplayPacing
-from relay.config import DatabaseSettings
-from relay.dburl import plain_postgres_url, remember_secret
+from relay.shared.database import DatabaseSettings
+from relay.shared.dburl import plain_postgres_url
+from relay.shared.redaction import remember_secret
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ControlSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        # Messages name the variables, never their values (relay.config_errors prints them).
+        # Messages name the variables, never their values (relay.shared.config_errors prints them).
         for token in (self.read_token, self.admin_token):
             if token is not None:
                 remember_secret(token.get_secret_value())

@@ -1,4 +1,4 @@
-"""The control plane's only access to PostgreSQL: every statement comes from relay/sql/control.sql.
+"""The control plane's only access to PostgreSQL: every statement comes from control/queries.sql.
 
 Every method takes a `Deadline`; each statement gets what is left of it as its asyncpg timeout, so a
 caller's gRPC deadline bounds the database work done on its behalf.
@@ -23,7 +23,6 @@ from control.limits import SharedResult, call_cap
 from control.model import (
     Audit,
     AuditEntry,
-    Backlog,
     DeadLetter,
     DeadLetterFilter,
     DeadLetterSummary,
@@ -38,8 +37,9 @@ from control.model import (
     Selection,
     Status,
     StuckEvent,
+    TopicBacklog,
 )
-from relay.sql import queries
+from relay.shared.sqlblocks import bind_schema, load_blocks
 
 _NO_FILTER = DeadLetterFilter()
 _RUNNING = "running"
@@ -100,7 +100,7 @@ class ControlStore:
         # calls and reused for status_cache_ttl seconds; each count reads at most count_limit rows.
         self._figures: SharedResult[_Figures] = SharedResult(status_cache_ttl)
         self._count_limit = count_limit
-        self._sql = queries(schema)
+        self._sql = bind_schema(load_blocks(__package__, "queries.sql"), schema)
         self._pacing = pacing or ReplayPacing()
         self._instance_timeout = instance_timeout
         self._purge_batch_size = purge_batch_size or PURGE_BATCH_SIZE
@@ -126,13 +126,13 @@ class ControlStore:
             instances=[_instance(r) for r in instances],
             # Ages against this call's clock: a shared reading does not make them look younger.
             backlog=[
-                Backlog(topic, pending, max(now - oldest, timedelta(0)) if oldest else timedelta(0))
+                TopicBacklog(topic, pending, max(now - oldest, timedelta(0)) if oldest else timedelta(0))
                 for topic, pending, oldest in figures.backlog
             ],
-            dead_letters=figures.dead_letters,
+            dead_letter_count=figures.dead_letter_count,
             pauses=[_pause(r) for r in pauses],
             schema_version=str(version or ""),
-            now=now,
+            server_time=now,
         )
 
     def invalidate_status(self) -> None:
@@ -429,7 +429,7 @@ class ControlStore:
         ids, cursor, limit = run.next_chunk()
         request = run.request
         args = (
-            request.request_id, ids, *(request.selection.filter or _NO_FILTER).sql_args(),
+            *(request.selection.filter or _NO_FILTER).sql_args(), request.request_id, ids,
             cursor, run.upper_id, limit, request.force,
         )
         if request.dry_run:
@@ -515,8 +515,8 @@ class ControlStore:
 
 @dataclass(frozen=True)
 class _Figures:
-    backlog: list[tuple[str, int, datetime | None]]  # topic, pending (at most the count limit), oldest
-    dead_letters: int
+    backlog: list[tuple[str, int, datetime | None]]  # topic, pending_count (at most the count limit), oldest
+    dead_letter_count: int
 
 
 class _ReplayRun:
@@ -566,7 +566,8 @@ class _ReplayRun:
 
 
 def _selection_args(selection: Selection) -> tuple[Any, ...]:
-    return (selection.ids, *(selection.filter or _NO_FILTER).sql_args())
+    """The filter ($1..$5, as {fragment:dead_letter_filter} expects it), then the ids ($6)."""
+    return (*(selection.filter or _NO_FILTER).sql_args(), selection.ids)
 
 
 def _page(items: list[Any], limit: int) -> Page[Any]:

@@ -4,16 +4,16 @@ then nothing may be lost, reordered or dead-lettered, and no relay may grow or d
     .venv/bin/python -m devtools.soak --minutes 5 [--relays 3] [--rate 200] [--report PATH]
     ./dev soak --minutes 5
 
-Servers: the embedded stack (relay/embedded.py), or external ones named by the variables the tests
+Servers: the embedded stack (devtools/embedded.py), or external ones named by the variables the tests
 use (OUTBOX_TEST_DATABASE_URL, OUTBOX_TEST_KAFKA_BOOTSTRAP, OUTBOX_TEST_REDIS_URL). Against external
 servers the faults that need a server's process (Postgres restart, broker freeze, Redis maxmemory)
 are skipped; cancel storms and table locks act server-wide, so use servers nobody else relies on.
 
 Workload: `--writers` writers commit `--rate` events/s in transactions of `--per-txn`, over `--keys`
-keys, each key owned by one writer (as tests.acceptance.fleet.write_events does), so id order per
+keys, each key owned by one writer (as devtools.fleet.write_events does), so id order per
 key is the order meant. About `--kafka-share` of the events go to a Kafka topic with 8 partitions,
 the rest to a Redis stream (routed by OUTBOX_ROUTES). `--relays` real `outbox-relay run` processes
-(tests.acceptance.fleet.Fleet) relay them; each serves /metrics and /readyz, and its database URL
+(devtools.fleet.Fleet) relay them; each serves /metrics and /readyz, and its database URL
 carries `lock_timeout` (asyncpg sends unknown URL parameters as server settings). A checking
 consumer reads Kafka and the stream all along.
 
@@ -63,6 +63,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from clients.writer import OutboxEvent, aenqueue_many
+from devtools.embedded import EmbeddedStack, StackEndpoints, external_or_embedded
+from devtools.fleet import (
+    Fleet,
+    FleetError,
+    Received,
+    RelayProcess,
+    Written,
+    create_kafka_topic,
+    leases_by_holder,
+    pending_count,
+    read_kafka,
+    read_redis,
+    relay_env,
+    unique_name,
+    wait_until,
+)
 from devtools.soak_report import (
     FaultRecord,
     RelayInfo,
@@ -79,21 +95,6 @@ from devtools.soak_report import (
 )
 from relay import migrate
 from relay.config import DatabaseSettings
-from relay.embedded import EmbeddedStack, StackEndpoints, external_or_embedded
-from tests.acceptance.fleet import (
-    Fleet,
-    Received,
-    RelayProcess,
-    Written,
-    create_kafka_topic,
-    leases_by_holder,
-    pending_count,
-    read_kafka,
-    read_redis,
-    relay_env,
-    unique_name,
-    wait_until,
-)
 
 KAFKA_PARTITIONS = 8
 RECOVERY_GAP = (4.0, 10.0)  # seconds between the end of one fault and the start of the next
@@ -275,30 +276,16 @@ class Soak:
             database_url=SecretStr(self.endpoints.database_url), schema_name=self.schema
         )
         await asyncio.to_thread(migrate.upgrade, settings)
-        self.partitions = await self._partition_count()
+        self.partitions = await self.fleet.partition_count()
         await create_kafka_topic(self.endpoints.kafka_bootstrap, self.topics["kafka"], KAFKA_PARTITIONS)
         for _ in range(self.cfg.relays):
             self.spawn_relay()
-        await wait_until(self._all_partitions_held, 60, interval=0.5, what="every partition to be leased")
+        try:
+            await self.fleet.wait_partitions(60, interval=0.5)
+        except FleetError as exc:  # the relays' logs are summarised by soak(), not dumped here
+            raise AssertionError(str(exc).split("\n", 1)[0]) from None
         self.say(
             f"{self.cfg.relays} relays hold all {self.partitions} partitions; logs in {self.cfg.log_dir}"
-        )
-
-    async def _partition_count(self) -> int:
-        conn = await asyncpg.connect(self.endpoints.database_url)
-        try:
-            return int(
-                await conn.fetchval(
-                    f"SELECT value::int FROM \"{self.schema}\".relay_settings WHERE name = 'partitions'"
-                )
-            )
-        finally:
-            await conn.close()
-
-    async def _all_partitions_held(self) -> bool:
-        held = await leases_by_holder(self.endpoints.database_url, self.schema)
-        return (
-            sum(1 for names in held.values() for n in names if n.startswith("partition:")) == self.partitions
         )
 
     def spawn_relay(self) -> RelayProcess:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from tests.acceptance.fleet import Received, Written, check_delivery, json_lines
+from devtools.fleet import Received, Written, check_delivery, json_lines
 
 RSS_GROWTH_LIMIT = 0.5  # last-quarter median over first-quarter median, minus 1
 RSS_MIN_LIFETIME = 60.0  # seconds a relay must live for its RSS trend to be judged
@@ -89,7 +89,7 @@ class Delivery:
     duplicates: int
     uncertain_delivered: int  # commits that raised but did commit (delivered, id unknown to us)
     unexpected: int  # delivered message ids nobody wrote
-    fleet_check: str  # the verdict of tests.acceptance.fleet.check_delivery
+    fleet_check: str  # the verdict of devtools.fleet.check_delivery
 
 
 def analyse_delivery(
@@ -365,7 +365,7 @@ def _delivery_md(result: SoakResult) -> str:
             ("first deliveries out of per-key order", order),
             ("duplicate copies", d.duplicates),
             ("delivered from commits whose outcome was unknown", d.uncertain_delivered),
-            ("tests.acceptance.fleet.check_delivery", d.fleet_check),
+            ("devtools.fleet.check_delivery", d.fleet_check),
         ]
     rows += [
         ("writer transactions committed / failed before commit", f"{w.txns} / {w.failed_txns}"),

@@ -128,6 +128,3 @@ class Availability:
     def sink_outage_reason(self, sink: str) -> str | None:
         outage = self._sinks.get(sink)
         return None if outage is None else outage.reason
-
-    def topic_outages(self) -> dict[str, str]:
-        return {topic: outage.reason for topic, outage in self._topics.items()}

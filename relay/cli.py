@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Annotated, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -15,9 +16,13 @@ from rich.markup import escape
 
 from relay import migrate as migrations
 from relay.config import DatabaseSettings, RelaySettings
-from relay.config_errors import config_error_lines, remember_environment_secrets
-from relay.dburl import redact
 from relay.logs import setup_logging
+from relay.shared.config_errors import config_error_lines, remember_environment_secrets
+from relay.shared.redaction import redact
+
+if TYPE_CHECKING:
+    from control.server import ControlServer
+    from relay.service import RelayService
 
 app = typer.Typer(
     help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
@@ -186,7 +191,10 @@ def run(
     try:
         if migrate_first or settings.run_migrations:
             migrations.upgrade(settings, partitions=settings.partitions)
-        asyncio.run(run_until_signalled(RelayService(settings)))
+        service = RelayService(settings)
+        if settings.control_addr:
+            service.attach(_control_plane(settings, service))
+        asyncio.run(run_until_signalled(service))
     except SchemaBehindError as exc:
         raise _fail(str(exc), 3) from None
     except RelayFailedError as exc:  # the traceback is in the log already, where the task failed
@@ -198,6 +206,18 @@ def run(
     except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
         log.debug("relay failed", exc_info=True)
         raise _fail(f"relay failed: {type(exc).__name__}: {exc}", 1) from None
+
+
+def _control_plane(settings: RelaySettings, service: RelayService) -> ControlServer:
+    """The control plane inside `run` (OUTBOX_CONTROL_ADDR): stateless, so any relay instance can serve
+    it beside its work. With a pool of its own (OUTBOX_CONTROL_POOL_SIZE connections, with statement and
+    lock timeouts), a limit on concurrent calls and a cap on their deadlines: however hard it is called,
+    it never takes a connection the relay's lease renewals and claims need (docs/operations.md). Its
+    call metrics go to the relay's /metrics. This module is the composition root: relay/ itself never
+    imports control/."""
+    from control.server import ControlServer, ControlSettings
+
+    return ControlServer(ControlSettings(addr=settings.control_addr), settings, meter=service.meter)
 
 
 @app.command()
@@ -229,11 +249,26 @@ def demo(
     instances: Annotated[int, typer.Option(help="Relay instances to run.")] = 2,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Start the embedded stack, migrate, run relays and a demo writer, show live progress."""
+    """Start the embedded stack, migrate, run relays and a demo writer, show live progress.
+    Runs from a source checkout only (the demo and the embedded servers live in devtools/)."""
     setup_logging(log_level, json_logs=False)
-    from relay.demo import run_demo
-
+    run_demo = _checkout_demo()
     raise typer.Exit(asyncio.run(run_demo(duration=duration, rate=rate, instances=instances)))
+
+
+def _checkout_demo() -> Callable[..., Coroutine[Any, Any, int]]:
+    """devtools.demo.run_demo from the source checkout this relay package lives in (devtools is not
+    installed, and the runtime packages never import it statically)."""
+    import importlib
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "devtools" / "demo.py").is_file():
+        raise _fail("the demo runs from a source checkout: git clone the repository, then ./dev demo")
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    run_demo: Callable[..., Coroutine[Any, Any, int]] = importlib.import_module("devtools.demo").run_demo
+    return run_demo
 
 
 def main() -> None:

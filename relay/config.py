@@ -1,20 +1,22 @@
-"""Relay configuration, read from `OUTBOX_*` environment variables (see docs/configuration.md)."""
+"""Relay configuration, read from `OUTBOX_*` environment variables (see docs/configuration.md).
+
+DatabaseSettings (OUTBOX_DATABASE_URL, OUTBOX_SCHEMA) is shared with the control plane and lives in
+relay.shared.database; it stays importable from here."""
 
 from __future__ import annotations
 
 import os
-import re
 import socket
 from enum import StrEnum
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-from relay.dburl import remember_secret, url_password
+from relay.shared.database import DatabaseSettings
+from relay.shared.redaction import remember_secret, url_password
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+__all__ = ["DatabaseSettings", "RelaySettings", "SettleMode", "SinkKind", "default_instance_id"]
 
 
 class SinkKind(StrEnum):
@@ -29,51 +31,6 @@ class SettleMode(StrEnum):
 
 def default_instance_id() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
-
-
-def validate_schema_name(name: str) -> str:
-    if not _IDENTIFIER.fullmatch(name):
-        raise ValueError(f"schema name {name!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
-    return name
-
-
-class DatabaseSettings(BaseSettings):
-    """What every command that touches the database needs."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="OUTBOX_", extra="ignore", populate_by_name=True, env_ignore_empty=True
-    )
-
-    database_url: SecretStr = Field(
-        SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
-        description="PostgreSQL URL (postgresql://user:password@host:port/db). Never logged.",
-    )
-    schema_name: str = Field("outbox", alias="OUTBOX_SCHEMA", description="Schema holding every relay table.")
-
-    @field_validator("schema_name")
-    @classmethod
-    def _check_schema(cls, value: str) -> str:
-        return validate_schema_name(value)
-
-    @field_validator("database_url")
-    @classmethod
-    def _check_database_url(cls, value: SecretStr) -> SecretStr:
-        # The messages never quote the URL: it holds the password, maybe where a parser does not expect it.
-        url = value.get_secret_value().strip()
-        remember_secret(url_password(url))
-        scheme, sep, _ = url.partition("://")
-        if not sep or scheme.split("+", 1)[0].lower() not in ("postgresql", "postgres"):
-            raise ValueError(
-                "must be a postgresql:// URL such as postgresql://app@db:5432/app"
-                " (a key=value connection string is not supported)"
-            )
-        try:
-            urlsplit(url).port  # noqa: B018 - raises for a port that is not a number
-        except ValueError:
-            raise ValueError(
-                "is not a valid URL (check the port, and that a password with : / @ ? # is %-encoded)"
-            ) from None
-        return SecretStr(url)
 
 
 class RelaySettings(DatabaseSettings):

@@ -30,7 +30,7 @@ from collections.abc import Collection, Sequence
 from relay.health import SinkHealth
 from relay.leases import LEADER, Lease, partition_lease
 from relay.maintenance import Maintenance
-from relay.retry import SinkBackoff
+from relay.retry import FailureBackoff
 from relay.store import RelayStore, is_transient_db_error
 from relay.supervision import Supervisor, describe
 from relay.telemetry import RelayMetrics
@@ -91,7 +91,7 @@ class Coordinator:
             "coordinator",
             ttl / 3,
             self.round,
-            backoff=SinkBackoff(0.2, ttl / 3),
+            backoff=FailureBackoff(0.2, ttl / 3),
             what="coordination round",
         )
         self._maintenance = supervisor.run_every(
@@ -103,10 +103,6 @@ class Coordinator:
     @property
     def held_partitions(self) -> list[int]:
         return sorted(self._workers)
-
-    @property
-    def is_leader(self) -> bool:
-        return LEADER in self._leases
 
     def trusted_leases(self) -> list[str]:
         """The leases this instance may act on now: held, and renewed recently enough (during a

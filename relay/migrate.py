@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TextIO
 
 from alembic import command
 from alembic.config import Config
@@ -18,7 +17,7 @@ from sqlalchemy import Connection, create_engine, pool, text
 
 from relay import __version__
 from relay.config import DatabaseSettings
-from relay.dburl import redact, sqlalchemy_url
+from relay.shared.dburl import sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +288,6 @@ $outbox_relay$;""",
     return "\n\n".join(statements) + "\n\n"
 
 
-def write_offline_sql(
-    settings: DatabaseSettings, out: TextIO, revision: str = "head", partitions: int = 16
-) -> None:
-    out.write(offline_sql(settings, revision, partitions=partitions))
-
-
 def _acquire_migration_lock(conn: Connection, schema: str, wait: float) -> None:
     deadline = time.monotonic() + wait
     delay = 0.05
@@ -309,7 +302,3 @@ def _acquire_migration_lock(conn: Connection, schema: str, wait: float) -> None:
         log.info("waiting for another instance to finish migrating schema %s", schema)
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
-
-
-def describe_target(settings: DatabaseSettings) -> str:
-    return redact(settings.database_url.get_secret_value())

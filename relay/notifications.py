@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from relay.retry import SinkBackoff
+from relay.retry import FailureBackoff
 from relay.sql import notify_channel
 from relay.store import TRANSIENT_DB_ERRORS, RelayStore
 from relay.supervision import describe
@@ -50,7 +50,7 @@ class InsertListener:
         self._lost.set()
 
     async def run(self) -> None:
-        backoff = SinkBackoff(0.2, 10.0)
+        backoff = FailureBackoff(0.2, 10.0)
         while True:
             conn: asyncpg.Connection | None = None
             try:

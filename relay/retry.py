@@ -1,4 +1,5 @@
-"""Backoff policies: per event (counts attempts) and per sink (an outage counts nothing)."""
+"""Backoff policies: per event (counts an event's attempts) and per run of consecutive failures
+(FailureBackoff: a sink outage, database retries, listener reconnects, supervised restarts)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class RetryPolicy:
         return attempts_so_far + 1 >= self.max_attempts
 
 
-class SinkBackoff:
-    """Growing pause while a sink is unreachable; reset by the first success."""
+class FailureBackoff:
+    """The growing pause between consecutive failures of one thing (a sink, the database, the
+    listener, a supervised task); reset by the first success."""
 
     def __init__(self, initial: float = 0.1, maximum: float = 30.0) -> None:
         self._backoff = Backoff(initial, maximum)

@@ -13,8 +13,9 @@ import contextlib
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from opentelemetry import metrics
 from prometheus_client import CollectorRegistry
 
 from relay.availability import Availability
@@ -28,7 +29,7 @@ from relay.migrate import head_revision, schema_state
 from relay.notifications import InsertListener
 from relay.ops_http import OpsServer, Readiness
 from relay.pauses import PauseState
-from relay.retry import Backoff, RetryPolicy, SinkBackoff
+from relay.retry import Backoff, FailureBackoff, RetryPolicy
 from relay.sinks.base import Sink
 from relay.sinks.kafka import KafkaSink
 from relay.sinks.redis import RedisSink
@@ -37,9 +38,6 @@ from relay.store import RelayStore, is_transient_db_error
 from relay.supervision import Supervisor, describe
 from relay.telemetry import METER_NAME, RelayMetrics, configure_tracing, prometheus_meter_provider
 from relay.worker import WorkerContext
-
-if TYPE_CHECKING:
-    from control.server import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,15 @@ class DatabaseUnreachableError(RuntimeError):
 
 class RelayFailedError(RuntimeError):
     """The relay stopped because a task gave up, not because it was asked to."""
+
+
+class Attached(Protocol):
+    """A server that lives and dies with the relay (RelayService.attach): the control plane inside
+    `outbox-relay run`, wired by relay.cli, so that relay/ never imports control/."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def build_sinks(settings: RelaySettings) -> dict[SinkKind, Sink]:
@@ -85,7 +92,8 @@ class RelayService:
         meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
         self.metrics = RelayMetrics(settings.instance_id, meter)
         self.ops: OpsServer | None = None
-        self.control: ControlServer | None = None
+        self._attached: list[Attached] = []
+        self._attached_started: list[Attached] = []
         self.maintenance = Maintenance(self.store, settings)
         self.coordinator: Coordinator | None = None
         self.pauses = PauseState(self.store, on_change=self._wake_all)
@@ -136,8 +144,9 @@ class RelayService:
             health=self.sink_health,
         )
         self._register_gauges()
-        if self.settings.control_addr:
-            await self._start_control_plane()
+        for server in self._attached:
+            self._attached_started.append(server)  # stopped even if its start fails part-way
+            await server.start()
         self.coordinator.start()
         self.supervisor.run_every(
             "pauses", self.pauses.interval, self.pauses.refresh, what="reading pauses"
@@ -146,7 +155,7 @@ class RelayService:
             listener = InsertListener(
                 self.store, self.coordinator.wake, self.coordinator.wake_all, self.metrics.database_error
             )
-            self.supervisor.supervise("listener", listener.run, backoff=SinkBackoff(0.2, 10.0)).start()
+            self.supervisor.supervise("listener", listener.run, backoff=FailureBackoff(0.2, 10.0)).start()
         self.started = True
         log.info(
             "relay started",
@@ -157,18 +166,17 @@ class RelayService:
             },
         )
 
-    async def _start_control_plane(self) -> None:
-        """The control plane is stateless, so any relay instance can serve it beside its work.
+    @property
+    def meter(self) -> metrics.Meter | None:
+        """The meter behind this relay's /metrics (None without OUTBOX_METRICS_ADDR), for attached servers."""
+        return self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
 
-        With a pool of its own (OUTBOX_CONTROL_POOL_SIZE connections, with statement and lock timeouts),
-        a limit on concurrent calls and a cap on their deadlines: however hard it is called, it never
-        takes a connection the relay's lease renewals and claims need (docs/operations.md)."""
-        from control.server import ControlServer, ControlSettings
-
-        control_settings = ControlSettings(addr=self.settings.control_addr)
-        meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
-        self.control = ControlServer(control_settings, self.settings, meter=meter)
-        await self.control.start()
+    def attach(self, server: Attached) -> None:
+        """Serve `server` beside the relay's work (before start()): it starts once the database is open,
+        just before the coordinator, and stops after the workers and before the sinks."""
+        if self.started:
+            raise RuntimeError("attach() after start()")
+        self._attached.append(server)
 
     def _register_gauges(self) -> None:
         instance = {"instance": self.settings.instance_id}
@@ -292,7 +300,7 @@ class RelayService:
         during an outage, or while its statements are cancelled) should come up when it does, not
         crash-loop. Reads what starting needs: the partition count and the pauses to obey.
         Returns the partition count."""
-        backoff = SinkBackoff(0.5, 10.0)
+        backoff = FailureBackoff(0.5, 10.0)
         limit = self.settings.startup_timeout
         deadline = time.monotonic() + limit if limit else float("inf")
         while True:
@@ -338,8 +346,8 @@ class RelayService:
         if self.coordinator is not None:
             await self.coordinator.shutdown(self.settings.shutdown_grace)  # stops its own rounds first
         await self.supervisor.stop()
-        if self.control is not None:
-            await self.control.stop()
+        for server in reversed(self._attached_started):
+            await server.stop()
         for sink in self.router.sinks.values():
             with contextlib.suppress(Exception):
                 await sink.stop()

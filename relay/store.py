@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import asyncpg
 
 from relay import __version__
-from relay.dburl import plain_postgres_url, redact
 from relay.events import OutboxRow
 from relay.faults import TRANSIENT_DB_ERRORS, is_transient_db_error
+from relay.shared.dburl import plain_postgres_url
 from relay.sql import queries
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ class RelayStore:
         # 0 disables named prepared statements, for PgBouncer in transaction mode before 1.21.
         self._statement_cache_size = statement_cache_size
         self._pool: asyncpg.Pool | None = None
-
-    @property
-    def redacted_url(self) -> str:
-        return redact(self._url)
 
     async def open(self) -> None:
         if self._pool is None:
@@ -108,9 +104,9 @@ class RelayStore:
         records = await self.pool.fetch(
             self._q["claim_batch"],
             partition,
+            *fence.args,
             limit,
             list(paused_like),
-            *fence.args,
             max_bytes,
             list(skip_topics),
         )

@@ -25,9 +25,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from relay.dburl import redact
 from relay.faults import is_transient_db_error
-from relay.retry import SinkBackoff
+from relay.retry import FailureBackoff
+from relay.shared.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class SupervisedTask:
         step: Step,
         *,
         interval: float | None,
-        backoff: SinkBackoff | None = None,
+        backoff: FailureBackoff | None = None,
         what: str | None = None,
         healthy_after: float = 30.0,
     ) -> None:
@@ -70,7 +70,7 @@ class SupervisedTask:
         self._supervisor = supervisor
         self._step = step
         self._interval = interval  # None: `step` runs until stopped (returning is a failure)
-        self._backoff = backoff or SinkBackoff(0.5, 30.0)
+        self._backoff = backoff or FailureBackoff(0.5, 30.0)
         # For a long-running step: a run at least this long counts as a success before it failed.
         self._healthy_after = healthy_after
         self._task: asyncio.Task[None] | None = None
@@ -208,7 +208,7 @@ class Supervisor:
         interval: float,
         fn: Step,
         *,
-        backoff: SinkBackoff | None = None,
+        backoff: FailureBackoff | None = None,
         what: str | None = None,
     ) -> SupervisedTask:
         """A ticker (not started yet): `fn` every `interval` seconds, each success resetting the
@@ -220,7 +220,7 @@ class Supervisor:
         name: str,
         factory: Step,
         *,
-        backoff: SinkBackoff | None = None,
+        backoff: FailureBackoff | None = None,
         what: str | None = None,
         healthy_after: float = 30.0,
     ) -> SupervisedTask:

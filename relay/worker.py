@@ -18,7 +18,7 @@ from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome, PublishResult
 from relay.leases import Lease
 from relay.pauses import PauseState
-from relay.retry import RetryPolicy, SinkBackoff
+from relay.retry import FailureBackoff, RetryPolicy
 from relay.sinks.router import Router
 from relay.store import TRANSIENT_DB_ERRORS, RelayStore
 from relay.telemetry import RelayMetrics
@@ -132,8 +132,8 @@ class PartitionWorker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._next_retry_at: float | None = None
-        self._db_backoff = SinkBackoff(0.1, 5.0)
-        self._crash_backoff = SinkBackoff(1.0, 30.0)
+        self._db_backoff = FailureBackoff(0.1, 5.0)
+        self._crash_backoff = FailureBackoff(1.0, 30.0)
         # A publish we stopped waiting for: the producer may still deliver it, so its rows are not
         # claimed (and sent) again until it resolves. Otherwise every wait during an outage would
         # queue one more copy of the batch for delivery once the broker is back.

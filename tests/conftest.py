@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from devtools.embedded import StackEndpoints, external_or_embedded
 from relay import migrate
 from relay.config import DatabaseSettings
-from relay.embedded import StackEndpoints, external_or_embedded
 
 
 @pytest.fixture(scope="session")

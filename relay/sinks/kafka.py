@@ -17,6 +17,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from relay.config import RelaySettings
 from relay.events import DEFERRED, PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.faults import Fault, classify_kafka_error, kafka_error_is_topic_scoped
+from relay.retry import FailureBackoff
 from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
 from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
 
@@ -81,7 +82,7 @@ class KafkaSink:
     async def _connect(self) -> None:
         """Retries until connected. A failure that is not the network (authentication, TLS, a
         wrong setting) is logged as an error each time, so it does not hide as "not connected"."""
-        delay = 0.2
+        backoff = FailureBackoff(0.2, self._settings.sink_backoff_max)
         while True:
             producer = AIOKafkaProducer(**self._producer_options())
             try:
@@ -90,12 +91,12 @@ class KafkaSink:
                 with contextlib.suppress(Exception):
                     await producer.stop()
                 self.connect_error = _detail(exc)
+                delay = backoff.failed()
                 if isinstance(exc, (KafkaConnectionError, OSError)):
                     log.warning("kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
                 else:
                     log.error("cannot connect to kafka: %s; retrying in %.1fs", self.connect_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.sink_backoff_max)
                 continue
             self._producer = producer
             self._batches = SharedBatches(producer)

@@ -74,9 +74,6 @@ class Router:
                 self._cache[topic] = kind
         return kind
 
-    def sink_for(self, topic: str) -> Sink:
-        return self._sinks[self.sink_kind_for(topic)]
-
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         """Publishes each row to its sink, sinks in parallel; one result per row, in order. Rows
         whose sink or topic is backing off from an outage are not sent (UNAVAILABLE at once)."""

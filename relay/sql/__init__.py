@@ -1,14 +1,12 @@
-"""All of Outbox Relay's SQL, loaded from the *.sql files here (queries.sql: the relay; control.sql: the control plane) into a name -> statement mapping per schema."""
+"""The relay's SQL: every statement it runs, from queries.sql here, as a name -> statement mapping per
+schema. The file format (named blocks, `{fragment:name}`, `{schema}`) is relay.shared.sqlblocks's; the
+control plane's statements are in control/queries.sql."""
 
 from __future__ import annotations
 
-import re
 from functools import cache
-from importlib import resources
 
-from relay.config import validate_schema_name
-
-_BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+from relay.shared.sqlblocks import bind_schema, load_blocks
 
 
 def notify_channel(schema: str) -> str:
@@ -17,21 +15,5 @@ def notify_channel(schema: str) -> str:
 
 
 @cache
-def _raw_queries() -> dict[str, str]:
-    found: dict[str, str] = {}
-    for sql_file in sorted(resources.files(__package__).iterdir(), key=lambda f: f.name):
-        if not sql_file.name.endswith(".sql"):
-            continue
-        parts = _BLOCK.split(sql_file.read_text(encoding="utf-8"))
-        # parts = [preamble, name1, body1, name2, body2, ...]
-        for name, body in zip(parts[1::2], parts[2::2], strict=True):
-            if name in found:
-                raise RuntimeError(f"SQL block {name!r} is defined twice")
-            found[name] = body.strip()
-    return found
-
-
-@cache
 def queries(schema: str) -> dict[str, str]:
-    quoted = f'"{validate_schema_name(schema)}"'
-    return {name: body.replace("{schema}", quoted) for name, body in _raw_queries().items()}
+    return bind_schema(load_blocks(__package__, "queries.sql"), schema)

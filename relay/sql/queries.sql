@@ -1,12 +1,24 @@
 -- Every statement Outbox Relay runs at run time, in one place.
 -- Blocks are named by a "-- name --" line. {schema} is replaced by the quoted schema name.
--- Lease checks ("fencing") sit in the same statement as the write they guard.
+-- {fragment:name} inlines block `name` (its leading comments dropped, its lines indented as far as
+-- the placeholder's line): a clause written once and used by several statements.
+-- Lease checks ("fencing") sit in the same statement as the write they guard: every write on the
+-- relay path uses {fragment:lease_fence}, with the fence in $2 (lease name), $3 (holder), $4 (token).
+
+-- lease_fence --
+-- True while the partition lease of outbox row `o` is still held by this holder with this token.
+-- A fragment, never run on its own: always with the fence in $2, $3, $4 and the outbox row as `o`.
+EXISTS (
+    SELECT 1 FROM {schema}.distributed_locks l
+    WHERE l.name = $2 AND l.name = 'partition:' || o.partition
+      AND l.holder = $3 AND l.token = $4 AND l.expires_at > now())
 
 -- claim_batch --
--- The oldest publishable rows of one partition, in id order: at most $2 rows, and only the prefix
--- whose payload, key and header bytes add up to at most $7 (but always the first row, so an event
--- larger than the budget still moves). A (topic, key) whose earliest row waits for a retry holds
--- back its later rows; paused topics ($3, LIKE patterns) and skipped topics ($8) are left alone.
+-- The oldest publishable rows of one partition ($1), in id order: at most $5 rows, and only the
+-- prefix whose payload, key and header bytes add up to at most $7 (but always the first row, so an
+-- event larger than the budget still moves). A (topic, key) whose earliest row waits for a retry
+-- holds back its later rows; paused topics ($6, LIKE patterns) and skipped topics ($8) are left
+-- alone. $2-$4: the fence.
 -- Postgres allows no window function beside FOR UPDATE, so `candidates` locks ids and sizes and the
 -- running sum is taken outside it. octet_length does not detoast: sizing a row reads no payload.
 WITH blocked AS (
@@ -23,16 +35,13 @@ candidates AS MATERIALIZED (
     WHERE o.partition = $1
       AND o.published_at IS NULL
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-      AND NOT (o.topic LIKE ANY ($3::text[]))
+      AND NOT (o.topic LIKE ANY ($6::text[]))
       AND o.topic <> ALL ($8::text[])
       AND NOT EXISTS (
           SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
-      AND EXISTS (
-          SELECT 1 FROM {schema}.distributed_locks l
-          WHERE l.name = $4 AND l.name = 'partition:' || $1
-            AND l.holder = $5 AND l.token = $6 AND l.expires_at > now())
+      AND {fragment:lease_fence}
     ORDER BY o.id
-    LIMIT $2
+    LIMIT $5
     FOR UPDATE OF o SKIP LOCKED
 ),
 sized AS (
@@ -58,19 +67,13 @@ WHERE partition = $1 AND published_at IS NULL AND next_attempt_at > now();
 -- settle_delete --
 DELETE FROM {schema}.outbox o
 WHERE o.id = ANY ($1::bigint[])
-  AND EXISTS (
-      SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $2 AND l.name = 'partition:' || o.partition
-        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+  AND {fragment:lease_fence};
 
 -- settle_retain --
 UPDATE {schema}.outbox o
 SET published_at = now()
 WHERE o.id = ANY ($1::bigint[])
-  AND EXISTS (
-      SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $2 AND l.name = 'partition:' || o.partition
-        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+  AND {fragment:lease_fence};
 
 -- record_failures --
 -- $5: per-row delay in seconds before the next attempt; $6: per-row error text.
@@ -82,10 +85,7 @@ SET attempts = o.attempts + 1,
     last_attempt_at = now()
 FROM unnest($1::bigint[], $5::float8[], $6::text[]) AS f(id, delay, error)
 WHERE o.id = f.id
-  AND EXISTS (
-      SELECT 1 FROM {schema}.distributed_locks l
-      WHERE l.name = $2 AND l.name = 'partition:' || o.partition
-        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now());
+  AND {fragment:lease_fence};
 
 -- dead_letter --
 -- Moves rows to the archive in one statement: an event is in exactly one of the two tables.
@@ -93,10 +93,7 @@ WITH moved AS (
     DELETE FROM {schema}.outbox o
     USING unnest($1::bigint[], $5::text[], $6::text[]) AS f(id, reason, error)
     WHERE o.id = f.id
-      AND EXISTS (
-          SELECT 1 FROM {schema}.distributed_locks l
-          WHERE l.name = $2 AND l.name = 'partition:' || o.partition
-        AND l.holder = $3 AND l.token = $4 AND l.expires_at > now())
+      AND {fragment:lease_fence}
     RETURNING o.*, f.reason, f.error
 )
 INSERT INTO {schema}.dead_letter_archive

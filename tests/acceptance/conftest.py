@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import Fleet, relay_env, unique_name
+from devtools.embedded import StackEndpoints
+from devtools.fleet import Fleet, relay_env, unique_name
 
 
 @pytest.fixture

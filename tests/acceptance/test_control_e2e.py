@@ -14,10 +14,11 @@ import redis.asyncio as aioredis
 
 from clients import AsyncControlClient
 from clients.control import FailedPrecondition
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import StackEndpoints
+from devtools.fleet import (
     Fleet,
     RelayProcess,
+    all_obey,
     check_delivery,
     create_kafka_topic,
     pending_count,
@@ -56,11 +57,11 @@ async def test_pause_stops_publishing_within_2s_and_resume_restarts_it(
     stack: StackEndpoints, fleet: Fleet, topics: dict[str, str]
 ) -> None:
     await create_kafka_topic(stack.kafka_bootstrap, topics["kafka"])
-    _, client = await start_fleet(fleet)
+    relays, client = await start_fleet(fleet)
     kafka, redis_stream = topics["kafka"], topics["redis"]
     async with client:
         await client.pause("kt.*", reason="test: per-topic pause")
-        await asyncio.sleep(2)  # the promise: every instance obeys within 2 s
+        await all_obey(relays, {"kt.*"}, timeout=2)  # the promise: every instance obeys within 2 s
         paused = await write_events(fleet.database_url, fleet.schema, [kafka], total=200, keys=20)
         flowing = await write_events(fleet.database_url, fleet.schema, [redis_stream], total=200, keys=20)
 
@@ -83,7 +84,7 @@ async def test_pause_stops_publishing_within_2s_and_resume_restarts_it(
         check_delivery(flowing, await read_redis(stack.redis_url, redis_stream))
 
         await client.pause(reason="test: global pause")
-        await asyncio.sleep(2)
+        await all_obey(relays, {"*"}, timeout=2)
         held = await write_events(fleet.database_url, fleet.schema, [redis_stream], total=50, keys=5)
         await asyncio.sleep(2)
         assert len(await read_redis(stack.redis_url, redis_stream)) == 200, "published while paused"

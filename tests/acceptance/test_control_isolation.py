@@ -18,8 +18,8 @@ import pytest
 
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import Fleet, relay_logs, wait_until
+from devtools.embedded import StackEndpoints
+from devtools.fleet import Fleet, relay_logs, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import StackEndpoints
+from devtools.fleet import (
     Fleet,
     Written,
     check_delivery,

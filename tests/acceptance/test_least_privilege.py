@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from clients import AsyncControlClient, OutboxConflictError, OutboxEvent, aenqueue, aenqueue_many, enqueue
 from control.server import ControlServer
-from relay.dburl import sqlalchemy_url
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import Fleet, RelayProcess, relay_env, unique_name, wait_until
+from devtools.embedded import StackEndpoints
+from devtools.fleet import Fleet, RelayProcess, relay_env, unique_name, wait_until
+from relay.shared.dburl import sqlalchemy_url
 from tests.integration.control_server import ADMIN_TOKEN, start_server
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def _url_as(database_url: str, user: str, password: str) -> str:
 
 
 def _psql() -> str:
-    from relay.embedded import _postgres_bin_dir
+    from devtools.embedded import _postgres_bin_dir
 
     bundled = _postgres_bin_dir() / "psql"
     found = str(bundled) if bundled.exists() else shutil.which("psql")

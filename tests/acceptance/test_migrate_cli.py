@@ -20,12 +20,12 @@ import pytest
 from pydantic import SecretStr
 
 from clients.writer import enqueue
+from devtools.embedded import StackEndpoints, _postgres_bin_dir
+from devtools.fleet import RelayProcess, read_redis, relay_env, unique_name, wait_until
 from relay import migrate
 from relay.config import DatabaseSettings
-from relay.dburl import plain_postgres_url
-from relay.embedded import StackEndpoints, _postgres_bin_dir
 from relay.migrate import head_revision
-from tests.acceptance.fleet import RelayProcess, read_redis, relay_env, unique_name, wait_until
+from relay.shared.dburl import plain_postgres_url
 from tests.integration.test_migrations import schema_snapshot
 
 COMMAND_TIMEOUT = 120.0

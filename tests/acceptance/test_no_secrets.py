@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from clients.control import ControlClient, ControlError
-from relay.embedded import StackEndpoints
+from devtools.embedded import StackEndpoints
 
 DB_PASSWORD = "dbpw-Url-5e1c9a0f"
 KW_PASSWORD = "kwpw 7b3d 2f91"  # a keyword-DSN password with spaces, so quoted: password='...'

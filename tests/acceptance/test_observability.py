@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from clients.cli import app as outboxctl
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import StackEndpoints
+from devtools.fleet import (
     Fleet,
     RelayProcess,
     create_kafka_topic,

@@ -8,8 +8,8 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import StackEndpoints
+from devtools.fleet import (
     Fleet,
     check_delivery,
     create_kafka_topic,

@@ -15,18 +15,18 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from relay import migrate
-from relay.embedded import EmbeddedStack, StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import EmbeddedStack, StackEndpoints
+from devtools.fleet import (
     Fleet,
     Received,
     RelayProcess,
     Written,
+    all_obey,
     check_delivery,
     create_kafka_topic,
-    json_lines,
     leases_by_holder,
     pending_count,
+    published_count,
     read_kafka,
     read_redis,
     relay_env,
@@ -36,6 +36,7 @@ from tests.acceptance.fleet import (
     wait_until,
     write_events,
 )
+from relay import migrate
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.slow
@@ -65,20 +66,11 @@ async def partition_counts(fleet: Fleet) -> dict[str, int]:
 
 
 async def all_partitions_held(fleet: Fleet, timeout: float = 30) -> None:
-    async def held() -> bool:
-        return sum((await partition_counts(fleet)).values()) == PARTITIONS
-
-    await wait_until(held, timeout, what="every partition to be leased")
+    await fleet.wait_partitions(timeout)
 
 
 async def drained(fleet: Fleet, timeout: float = 60) -> float:
-    async def empty() -> bool:
-        return await pending_count(fleet.database_url, fleet.schema) == 0
-
-    try:
-        return await wait_until(empty, timeout, what="the outbox to drain")
-    except AssertionError:
-        raise AssertionError(relay_logs(fleet)) from None
+    return await fleet.wait_drained(timeout)
 
 
 async def insert_events(
@@ -129,26 +121,6 @@ def message_ids(received: Sequence[Received]) -> list[str]:
 def logged(relay: RelayProcess, *phrases: str) -> bool:
     text = relay.log()
     return any(phrase in text for phrase in phrases)
-
-
-def pause_state(relay: RelayProcess) -> set[str]:
-    """The pause patterns a relay obeys, replayed from its "pauses changed" log lines."""
-    state: set[str] = set()
-    for entry in json_lines(relay.log()):
-        if entry.get("msg") == "pauses changed":
-            paused, resumed = entry.get("paused") or [], entry.get("resumed") or []
-            assert isinstance(paused, list) and isinstance(resumed, list), entry
-            state = (state | set(paused)) - set(resumed)
-    return state
-
-
-async def all_obey(relays: Sequence[RelayProcess], patterns: set[str], timeout: float) -> float:
-    """Waits until every relay obeys exactly `patterns`; returns how long that took."""
-
-    async def obeyed() -> bool:
-        return all(pause_state(r) == patterns for r in relays)
-
-    return await wait_until(obeyed, timeout, interval=0.05, what=f"every relay to obey pauses {patterns}")
 
 
 def alive(fleet: Fleet) -> None:
@@ -431,7 +403,11 @@ async def test_a_frozen_relay_is_fenced_off_and_the_fleet_rebalances(
     writing = asyncio.create_task(
         write_events(fleet.database_url, fleet.schema, list(topics.values()), total=3_000, keys=200, pace=0.2)
     )
-    await asyncio.sleep(2)
+
+    async def flowing() -> bool:
+        return await published_count(fleet.database_url, fleet.schema) >= 100
+
+    await wait_until(flowing, 30, interval=0.1, what="events to flow before A is frozen")
     a.signal(signal.SIGSTOP)
     frozen_at = time.monotonic()
     try:

@@ -8,16 +8,15 @@ import time
 
 import pytest
 
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import StackEndpoints
+from devtools.fleet import (
     Fleet,
     check_delivery,
     create_kafka_topic,
     leases_by_holder,
-    pending_count,
+    published_count,
     read_kafka,
     read_redis,
-    relay_logs,
     wait_until,
     write_events,
 )
@@ -27,13 +26,7 @@ TTL = 3.0
 
 
 async def drained(fleet: Fleet, timeout: float = 90) -> None:
-    async def empty() -> bool:
-        return await pending_count(fleet.database_url, fleet.schema) == 0
-
-    try:
-        await wait_until(empty, timeout, what="the outbox to drain")
-    except AssertionError:
-        raise AssertionError(relay_logs(fleet)) from None
+    await fleet.wait_drained(timeout)
 
 
 async def read_all(stack: StackEndpoints, topics: dict[str, str]):  # type: ignore[no-untyped-def]
@@ -41,6 +34,11 @@ async def read_all(stack: StackEndpoints, topics: dict[str, str]):  # type: igno
         stack.redis_url, topics["redis"]
     )
 
+
+
+async def flowing(fleet: Fleet, published: int) -> bool:
+    """At least `published` events have been settled: traffic is flowing."""
+    return await published_count(fleet.database_url, fleet.schema) >= published
 
 async def test_three_relays_deliver_everything_in_key_order(
     stack: StackEndpoints, fleet: Fleet, topics: dict[str, str]
@@ -83,7 +81,7 @@ async def test_kill_9_mid_run_loses_nothing_and_is_taken_over_within_the_ttl(
             fleet.database_url, fleet.schema, list(topics.values()), total=20_000, keys=1000, pace=0.002
         )
     )
-    await asyncio.sleep(2)
+    await wait_until(lambda: flowing(fleet, 1000), 30, interval=0.1, what="events to flow before the kill")
     victim_leases = [
         n for n in (await leases_by_holder(fleet.database_url, fleet.schema))[victim.instance_id]
     ]
@@ -123,7 +121,7 @@ async def test_sigterm_releases_leases_for_immediate_takeover(
             fleet.database_url, fleet.schema, list(topics.values()), total=5_000, keys=200, pace=0.005
         )
     )
-    await asyncio.sleep(1)
+    await wait_until(lambda: flowing(fleet, 300), 30, interval=0.1, what="events to flow before SIGTERM")
     leaving.signal(signal.SIGTERM)
     stopped_at = time.monotonic()
     assert leaving.wait(20) == 0, leaving.log()[-3000:]

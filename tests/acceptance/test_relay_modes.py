@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from relay.embedded import StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import StackEndpoints
+from devtools.fleet import (
     Fleet,
     check_delivery,
     pending_count,

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import migrate
-from relay.embedded import EmbeddedStack
-from tests.acceptance.fleet import (
+from devtools.embedded import EmbeddedStack
+from devtools.fleet import (
     Fleet,
     check_delivery,
     pending_count,
@@ -22,6 +21,7 @@ from tests.acceptance.fleet import (
     wait_until,
     write_events,
 )
+from relay import migrate
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.slow

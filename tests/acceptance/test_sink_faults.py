@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import ResponseError
 
 from clients.writer import OutboxEvent, aenqueue_many
-from relay.embedded import EmbeddedStack, StackEndpoints
-from tests.acceptance.fleet import (
+from devtools.embedded import EmbeddedStack, StackEndpoints
+from devtools.fleet import (
     Fleet,
     Received,
     Written,

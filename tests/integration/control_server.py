@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
+
 from control.server import ControlServer, ControlSettings
 from tests.conftest import settings_for
 
@@ -27,3 +29,14 @@ async def serving(database_url: str, schema: str) -> AsyncIterator[ControlServer
         yield server
     finally:
         await server.stop(0)
+
+
+async def lock_waiters(conn: asyncpg.Connection, schema: str) -> int:
+    """How many other sessions wait for a lock (a table's or a row's) in a statement on `schema`."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND pid <> pg_backend_pid() AND strpos(query, '\"' || $1 || '\"') > 0",
+            schema,
+        )
+    )

@@ -23,8 +23,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.server import ControlServer
+from devtools.fleet import wait_until
 from relay.migrate import head_revision
-from tests.integration.control_server import ADMIN_TOKEN, serving, start_server
+from tests.integration.control_server import ADMIN_TOKEN, lock_waiters, serving, start_server
 
 CALL_TIMEOUT = 20.0
 STATE_TABLES = (
@@ -369,12 +370,17 @@ async def test_deadline_bounds_database_work(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             )
             assert time.monotonic() - started < 5
-        # The server gave up too: its statement was cancelled and rolled back, the event stays put.
-        await asyncio.sleep(0.2)
+            # The server gives up too: its statement is cancelled, so nobody waits for the row lock.
+            await wait_until(lambda: _none_waiting(pg, schema), 10, 0.05, "the server's statement cancelled")
+        # The lock is gone, and the event stays put: nothing was waiting to delete it.
         assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox WHERE id = $1', event) == 1
         assert await pg.fetchval(f'SELECT count(*) FROM "{schema}".audit_log') == 0
     finally:
         await blocker.close()
+
+
+async def _none_waiting(pg: asyncpg.Connection, schema: str) -> bool:
+    return await lock_waiters(pg, schema) == 0
 
 
 # --- dead letters: list, get, purge ------------------------------------------------------------

@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.server import ControlServer
-from tests.integration.control_server import ADMIN_TOKEN, start_server
+from devtools.fleet import wait_until
+from tests.integration.control_server import ADMIN_TOKEN, lock_waiters, start_server
 
 METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
@@ -43,6 +44,10 @@ async def table_locked(database_url: str, schema: str, table: str) -> AsyncItera
             yield
     finally:
         await conn.close()
+
+
+async def _waiting(pg: asyncpg.Connection, schema: str, count: int) -> bool:
+    return await lock_waiters(pg, schema) >= count
 
 
 async def status_code(call: Any) -> tuple[grpc.StatusCode, str]:
@@ -85,7 +90,9 @@ async def test_a_statement_over_the_timeout_is_cancelled_with_a_clear_status(dat
     assert took < 5, took
 
 
-async def test_calls_beyond_the_limit_are_refused_at_once(database_url: str, schema: str) -> None:
+async def test_calls_beyond_the_limit_are_refused_at_once(
+    database_url: str, schema: str, pg: asyncpg.Connection
+) -> None:
     async with (
         running(database_url, schema, max_concurrent_rpcs=2, lock_timeout=30, statement_timeout=30) as (server, stub),
     ):
@@ -94,7 +101,8 @@ async def test_calls_beyond_the_limit_are_refused_at_once(database_url: str, sch
                 asyncio.ensure_future(stub.ListLocks(pb.ListLocksRequest(), metadata=METADATA, timeout=20))
                 for _ in range(2)
             ]
-            await asyncio.sleep(0.5)  # both are in flight, waiting for the lock
+            # Both are in flight, waiting for the lock.
+            await wait_until(lambda: _waiting(pg, schema, 2), 10, 0.05, "both calls waiting for the lock")
             started = time.monotonic()
             code, message = await status_code(stub.ListPauses(pb.ListPausesRequest(), metadata=METADATA, timeout=20))
             refused_in = time.monotonic() - started

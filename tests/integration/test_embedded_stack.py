@@ -21,14 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from relay.embedded import EmbeddedStack, StackEndpoints, endpoints_from_env, external_or_embedded
+from devtools.embedded import EmbeddedStack, StackEndpoints, endpoints_from_env, external_or_embedded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GONE_TIMEOUT = 10.0
 
 CHILD_SCRIPT = """
 import json, sys, time
-from relay.embedded import EmbeddedStack
+from devtools.embedded import EmbeddedStack
 stack = EmbeddedStack()
 stack.start()
 print(json.dumps({"pids": stack.pids(), "state_dir": str(stack.state_dir)}), flush=True)

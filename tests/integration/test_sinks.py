@@ -15,8 +15,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
+from devtools.embedded import StackEndpoints
 from relay.config import RelaySettings
-from relay.embedded import StackEndpoints
 from relay.events import OutboxRow, Outcome
 from relay.sinks.base import SinkUnavailableError
 from relay.sinks.kafka import KafkaSink

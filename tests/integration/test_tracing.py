@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from relay.embedded import StackEndpoints
+from devtools.embedded import StackEndpoints
 
 
 def test_publish_spans_link_to_the_writer_and_travel_to_kafka(stack: StackEndpoints, schema: str) -> None:

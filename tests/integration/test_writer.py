@@ -28,7 +28,7 @@ from clients import (
     enqueue,
     enqueue_many,
 )
-from relay.dburl import sqlalchemy_url
+from relay.shared.dburl import sqlalchemy_url
 
 NOTIFY_TIMEOUT = 5.0
 
@@ -442,8 +442,8 @@ async def test_enqueue_notifies_after_commit(database_url: str, schema: str, pg:
         try:
             async with writer.transaction():
                 await aenqueue(writer, "orders", b"x", key="order-1", schema=schema)
-                await asyncio.sleep(0.1)
-                assert notifications.empty(), "notified before commit"
+                # Sent after the enqueue: had the enqueue notified before commit, it would come first.
+                assert await _sentinel(pg, schema, notifications) == [], "notified before commit"
         finally:
             await writer.close()
         partition = await asyncio.wait_for(notifications.get(), NOTIFY_TIMEOUT)
@@ -474,6 +474,16 @@ async def _listening(pg: asyncpg.Connection, schema: str) -> AsyncIterator[async
         yield notifications
     finally:
         await pg.remove_listener(channel, on_notify)
+
+
+async def _sentinel(pg: asyncpg.Connection, schema: str, notifications: asyncio.Queue[str]) -> list[str]:
+    """Sends a notification of its own and waits for it; returns what arrived before it. Notifications
+    arrive in commit order, so this is every notification committed before the call."""
+    await pg.execute("SELECT pg_notify($1, 'sentinel')", f"{schema}.outbox_inserted")
+    before: list[str] = []
+    while (payload := await asyncio.wait_for(notifications.get(), NOTIFY_TIMEOUT)) != "sentinel":
+        before.append(payload)
+    return before
 
 
 async def test_plain_sql_insert_works_and_notifies_on_commit(
@@ -509,8 +519,7 @@ async def test_rolled_back_plain_insert_does_not_notify(
             first = await asyncio.wait_for(notifications.get(), NOTIFY_TIMEOUT)
         finally:
             await writer.close()
-        await asyncio.sleep(0.2)
-        assert notifications.empty()
+        assert await _sentinel(pg, schema, notifications) == []
     [row] = await _rows(pg, schema)
     assert row["key"] == "sentinel"
     assert first == str(row["partition"])

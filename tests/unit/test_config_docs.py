@@ -22,7 +22,7 @@ from clients.control import DEFAULT_ADDR, DEFAULT_TIMEOUT, ControlConfig
 from control.server import ControlSettings
 from relay.cli import app
 from relay.config import DatabaseSettings, RelaySettings, SettleMode, SinkKind
-from relay.dburl import redact
+from relay.shared.redaction import redact
 from relay.sinks.router import Route, Router, parse_routes
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

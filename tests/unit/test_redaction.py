@@ -1,4 +1,4 @@
-"""relay.dburl.redact and relay.config_errors: no secret in a message, a configuration error names the
+"""relay.shared.redaction.redact and relay.shared.config_errors: no secret in a message, a configuration error names the
 variable and never a secret value (issue 13)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from control.server import ControlSettings
 from relay.config import DatabaseSettings, RelaySettings
-from relay.config_errors import config_error_lines, remember_environment_secrets
-from relay.dburl import forget_secrets, redact, remember_secret
+from relay.shared.config_errors import config_error_lines, remember_environment_secrets
+from relay.shared.redaction import forget_secrets, redact, remember_secret
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from relay.coordinator import fair_share
 from relay.events import PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.leases import Lease, trust_window
 from relay.pauses import PauseState, glob_to_like
-from relay.retry import Backoff, RetryPolicy, SinkBackoff
+from relay.retry import Backoff, FailureBackoff, RetryPolicy
 from relay.worker import plan_batch, settle_plan
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -163,7 +163,7 @@ def test_backoff_survives_very_many_failures() -> None:
     # A sink down for half an hour fails far more than 1024 times; 2.0 ** 1024 overflows a float.
     backoff = Backoff(0.1, 30.0)
     assert 15.0 <= backoff.delay(5000) <= 30.0
-    sink = SinkBackoff(0.1, 2.0)
+    sink = FailureBackoff(0.1, 2.0)
     delays = [sink.failed() for _ in range(3000)]
     assert 1.0 <= delays[-1] <= 2.0
     assert sink.failing

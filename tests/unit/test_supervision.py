@@ -12,10 +12,10 @@ from collections import Counter
 import asyncpg
 import pytest
 
-from relay.retry import SinkBackoff
+from relay.retry import FailureBackoff
 from relay.supervision import Supervisor
 
-FAST = SinkBackoff(0.01, 0.02)
+FAST = FailureBackoff(0.01, 0.02)
 
 
 class FakeMetrics:
@@ -64,7 +64,7 @@ async def test_a_failing_task_is_restarted_with_backoff_and_its_traceback_logged
             raise ValueError("a bug")
         await asyncio.Event().wait()  # then runs until stopped
 
-    task = h.supervisor.supervise("flaky", flaky, backoff=SinkBackoff(0.05, 1.0))
+    task = h.supervisor.supervise("flaky", flaky, backoff=FailureBackoff(0.05, 1.0))
     with caplog.at_level(logging.ERROR, logger="relay.supervision"):
         task.start()
         await eventually(lambda: len(calls) == 4)

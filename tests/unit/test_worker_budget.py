@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,6 +80,15 @@ class FakePauses:
     like_patterns: tuple[str, ...] = ()
 
 
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Waits for `condition` (checked every event-loop turn or so); fails after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.001)
+
+
 def make_worker(store: FakeStore, router: FakeRouter, budget: ByteBudget, **settings: Any) -> PartitionWorker:
     config = RelaySettings(
         claim_max_bytes=settings.pop("claim_max_bytes", 100 * KIB),
@@ -144,11 +153,7 @@ async def test_stopping_with_a_batch_never_acknowledged_gives_its_bytes_back() -
     router.gate = asyncio.Event()  # never set
     worker = make_worker(FakeStore([row(1, 10 * KIB)]), router, budget, publish_timeout=0.05)
     task = asyncio.create_task(worker.run())
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if budget.in_use == 10 * KIB:
-            break
-    assert budget.in_use == 10 * KIB
+    await until(lambda: budget.in_use == 10 * KIB)
     worker.stop()
     await asyncio.wait_for(task, timeout=5)
     assert budget.in_use == 0
@@ -171,7 +176,7 @@ async def test_a_worker_waits_for_the_budget_and_stops_while_waiting() -> None:
     worker = make_worker(store, FakeRouter(), budget)
 
     waiting = asyncio.create_task(worker.process_batch())
-    await asyncio.sleep(0.05)
+    await until(lambda: budget.waiting == 1)
     assert not waiting.done() and store.claims == [], "no claim before the bytes are granted"
     worker.stop()
     assert await asyncio.wait_for(waiting, timeout=2) is False
@@ -186,13 +191,12 @@ async def test_a_worker_cancelled_while_waiting_holds_nothing() -> None:
     await budget.acquire(100 * KIB)
     worker = make_worker(FakeStore([row(1, 10 * KIB)]), FakeRouter(), budget)
     waiting = asyncio.create_task(worker.process_batch())
-    await asyncio.sleep(0.05)
+    await until(lambda: budget.waiting == 1)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
     budget.release(100 * KIB)
-    await asyncio.sleep(0.05)
-    assert budget.in_use == 0 and budget.waiting == 0
+    assert budget.in_use == 0 and budget.waiting == 0, "the cancelled waiter was granted nothing"
 
 
 async def test_workers_share_the_budget_and_all_finish() -> None:

@@ -1,10 +1,10 @@
-"""Database URL helpers: driver prefixes and redaction (a password never reaches a log or an error)."""
+"""Redaction: a password, token or secret never reaches a log line, an error or a CLI message."""
 
 from __future__ import annotations
 
 import re
 import threading
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 REDACTED = "***"
 
@@ -75,19 +75,3 @@ def redact(text: str) -> str:
             if secret in text:
                 text = text.replace(secret, REDACTED)
     return text
-
-
-def plain_postgres_url(url: str) -> str:
-    """The URL asyncpg and psycopg accept: postgresql://..., whatever driver prefix it came with."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise ValueError("not a valid PostgreSQL URL") from None
-    scheme = parts.scheme.split("+", 1)[0]
-    if scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"not a PostgreSQL URL: {redact(url)}")
-    return urlunsplit(("postgresql", *parts[1:]))
-
-
-def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
-    return "postgresql+" + driver + plain_postgres_url(url)[len("postgresql") :]

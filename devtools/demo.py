@@ -22,9 +22,10 @@ from rich.live import Live
 from rich.table import Table
 
 from clients.writer import OutboxEvent, aenqueue_many
+from control.server import ControlServer, ControlSettings
+from devtools.embedded import EmbeddedStack
 from relay import migrate
 from relay.config import RelaySettings
-from relay.embedded import EmbeddedStack
 from relay.service import RelayService
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
             RelayService(relay_settings(stack_urls, i, control_addr if i == 0 else None))
             for i in range(instances)
         ]
+        for relay in relays[:1]:  # the control plane inside the first relay, wired as relay.cli wires it
+            relay.attach(ControlServer(ControlSettings(addr=control_addr), relay.settings, meter=relay.meter))
         for relay in relays:
             await relay.start()
         console.print(f"Control plane at {control_addr}: try `outboxctl --addr {control_addr} status`.")

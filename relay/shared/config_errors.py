@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
-from relay.dburl import redact, remember_secret, url_password
+from relay.shared.redaction import redact, remember_secret, url_password
 
 _SECRET_WORDS = ("password", "passwd", "token", "secret", "url", "dsn")  # URLs may carry a password
 _MAX_TOKEN_FILE = 64 * 1024

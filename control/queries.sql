@@ -1,8 +1,19 @@
 -- Every statement of the gRPC control plane (control/store.py), in one place.
 -- Blocks are named by a "-- name --" line. {schema} is replaced by the quoted schema name.
+-- {fragment:name} inlines block `name` (its leading comments dropped, its lines indented as far as
+-- the placeholder's line): a clause written once and used by several statements (relay.shared.sqlblocks).
 -- jsonb crosses the wire as text (::text / $n::text::jsonb) so that no pool codec changes its meaning.
--- Dead-letter filters take five parameters in one order: topic, key, reason, archived_after, archived_before;
--- NULL means "any".
+-- Every statement that selects dead letters by filter uses {fragment:dead_letter_filter}, with the
+-- filter in $1..$5 (topic, key, reason, archived_after, archived_before; NULL means "any") and the
+-- archive row as `d`.
+
+-- dead_letter_filter --
+-- A fragment, never run on its own: the dead-letter filter of List, Replay and Purge, in $1..$5.
+($1::text IS NULL OR d.topic = $1)
+AND ($2::text IS NULL OR d.key = $2)
+AND ($3::text IS NULL OR d.reason = $3)
+AND ($4::timestamptz IS NULL OR d.archived_at >= $4)
+AND ($5::timestamptz IS NULL OR d.archived_at < $5)
 
 -- control_now --
 SELECT now();
@@ -175,12 +186,8 @@ WITH page AS (
            d.created_at, d.first_attempt_at, d.last_attempt_at, d.archived_at, d.archived_by,
            length(d.payload)::bigint AS payload_size
     FROM {schema}.dead_letter_archive d
-    WHERE ($1::text IS NULL OR d.topic = $1)
-      AND ($2::text IS NULL OR d.key = $2)
-      AND ($3::text IS NULL OR d.reason = $3)
-      AND ($4::timestamptz IS NULL OR d.archived_at >= $4)
-      AND ($5::timestamptz IS NULL OR d.archived_at < $5)
-      AND d.id > $6
+    WHERE d.id > $6
+      AND {fragment:dead_letter_filter}
     ORDER BY d.id
     LIMIT $7
 ),
@@ -251,7 +258,7 @@ UPDATE {schema}.replay_requests SET result = $2::text::jsonb WHERE request_id = 
 
 -- control_replay_chunk --
 -- Replays up to $10 dead letters with id in ($8, $9], in id order so that per-key order survives.
--- $1 request_id, $2 ids or NULL, $3..$7 filter, $11 force, $12 actor.
+-- $1..$5 filter, $6 request_id, $7 ids or NULL, $11 force, $12 actor.
 -- A dead letter this request already replayed (an earlier attempt, or a concurrent identical call) counts
 -- as replayed and is not replayed again. Without force, ON CONFLICT on replay_once_idx skips dead letters
 -- another request replayed; the database, not this statement, makes that race-free.
@@ -259,24 +266,20 @@ WITH picked AS (
     SELECT d.id, d.message_id, d.topic, d.key, d.payload, d.headers
     FROM {schema}.dead_letter_archive d
     WHERE d.id > $8 AND d.id <= $9
-      AND ($2::bigint[] IS NULL OR d.id = ANY ($2::bigint[]))
-      AND ($3::text IS NULL OR d.topic = $3)
-      AND ($4::text IS NULL OR d.key = $4)
-      AND ($5::text IS NULL OR d.reason = $5)
-      AND ($6::timestamptz IS NULL OR d.archived_at >= $6)
-      AND ($7::timestamptz IS NULL OR d.archived_at < $7)
+      AND ($7::bigint[] IS NULL OR d.id = ANY ($7::bigint[]))
+      AND {fragment:dead_letter_filter}
     ORDER BY d.id
     LIMIT $10
 ),
 mine AS (
     SELECT DISTINCT r.dead_letter_id AS id
     FROM {schema}.replay_log r
-    WHERE r.request_id = $1::text AND r.dead_letter_id IN (SELECT id FROM picked)
+    WHERE r.request_id = $6::text AND r.dead_letter_id IN (SELECT id FROM picked)
 ),
 logged AS (
     INSERT INTO {schema}.replay_log
         (dead_letter_id, request_id, original_message_id, new_message_id, forced, replayed_by)
-    SELECT p.id, $1::text, p.message_id, gen_random_uuid(), $11::boolean, $12::text
+    SELECT p.id, $6::text, p.message_id, gen_random_uuid(), $11::boolean, $12::text
     FROM picked p
     WHERE p.id NOT IN (SELECT id FROM mine)
     ORDER BY p.id
@@ -286,7 +289,7 @@ logged AS (
 inserted AS (
     INSERT INTO {schema}.outbox (message_id, topic, key, payload, headers)
     SELECT l.new_message_id, p.topic, p.key, p.payload,
-           p.headers || jsonb_build_object('x-replayed-from', p.message_id::text, 'x-replay-request', $1::text)
+           p.headers || jsonb_build_object('x-replayed-from', p.message_id::text, 'x-replay-request', $6::text)
     FROM logged l JOIN picked p ON p.id = l.dead_letter_id
     ORDER BY p.id
     RETURNING 1
@@ -301,37 +304,30 @@ WITH picked AS (
     SELECT d.id
     FROM {schema}.dead_letter_archive d
     WHERE d.id > $8 AND d.id <= $9
-      AND ($2::bigint[] IS NULL OR d.id = ANY ($2::bigint[]))
-      AND ($3::text IS NULL OR d.topic = $3)
-      AND ($4::text IS NULL OR d.key = $4)
-      AND ($5::text IS NULL OR d.reason = $5)
-      AND ($6::timestamptz IS NULL OR d.archived_at >= $6)
-      AND ($7::timestamptz IS NULL OR d.archived_at < $7)
+      AND ($7::bigint[] IS NULL OR d.id = ANY ($7::bigint[]))
+      AND {fragment:dead_letter_filter}
     ORDER BY d.id
     LIMIT $10
 )
 SELECT p.id,
        ($11::boolean
         OR EXISTS (
-            SELECT 1 FROM {schema}.replay_log r WHERE r.dead_letter_id = p.id AND r.request_id = $1::text)
+            SELECT 1 FROM {schema}.replay_log r WHERE r.dead_letter_id = p.id AND r.request_id = $6::text)
         OR NOT EXISTS (
             SELECT 1 FROM {schema}.replay_log r WHERE r.dead_letter_id = p.id AND NOT r.forced)) AS replayed
 FROM picked p
 ORDER BY p.id;
 
 -- control_purge_batch --
--- Deletes at most $9 matching dead letters with id in ($7, $8], in id order: one bounded statement
--- of a purge that loops until a batch comes back short. `last_id` is the next batch's $7.
+-- Deletes at most $9 dead letters matching the filter ($1..$5) and ids ($6, or NULL) with id in
+-- ($7, $8], in id order: one bounded statement of a purge that loops until a batch comes back short.
+-- `last_id` is the next batch's $7.
 WITH batch AS (
     SELECT d.id
     FROM {schema}.dead_letter_archive d
-    WHERE ($1::bigint[] IS NULL OR d.id = ANY ($1::bigint[]))
-      AND ($2::text IS NULL OR d.topic = $2)
-      AND ($3::text IS NULL OR d.key = $3)
-      AND ($4::text IS NULL OR d.reason = $4)
-      AND ($5::timestamptz IS NULL OR d.archived_at >= $5)
-      AND ($6::timestamptz IS NULL OR d.archived_at < $6)
-      AND d.id > $7 AND d.id <= $8
+    WHERE d.id > $7 AND d.id <= $8
+      AND ($6::bigint[] IS NULL OR d.id = ANY ($6::bigint[]))
+      AND {fragment:dead_letter_filter}
     ORDER BY d.id
     LIMIT $9
 ),
@@ -346,11 +342,8 @@ SELECT (SELECT count(*) FROM batch)::bigint AS picked,
        (SELECT max(id) FROM batch) AS last_id;
 
 -- control_purge_count --
+-- How many dead letters match the filter ($1..$5) and ids ($6, or NULL).
 SELECT count(*)::bigint
 FROM {schema}.dead_letter_archive d
-WHERE ($1::bigint[] IS NULL OR d.id = ANY ($1::bigint[]))
-  AND ($2::text IS NULL OR d.topic = $2)
-  AND ($3::text IS NULL OR d.key = $3)
-  AND ($4::text IS NULL OR d.reason = $4)
-  AND ($5::timestamptz IS NULL OR d.archived_at >= $5)
-  AND ($6::timestamptz IS NULL OR d.archived_at < $6);
+WHERE ($6::bigint[] IS NULL OR d.id = ANY ($6::bigint[]))
+  AND {fragment:dead_letter_filter};

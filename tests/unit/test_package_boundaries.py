@@ -1,0 +1,56 @@
+"""Arrows run one way (issue 18): relay.shared is a leaf; relay/ never imports control/ or clients/ (but
+for relay.cli, the composition root); control/ and clients/ use only relay.shared of the relay."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSITION_ROOT = "relay.cli"
+
+
+def modules(package: str) -> Iterator[tuple[str, Path]]:
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if "_generated" not in path.parts:
+            yield ".".join(path.relative_to(ROOT).with_suffix("").parts), path
+
+
+def imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_relay_shared_imports_nothing_else_of_the_service() -> None:
+    for module, path in modules("relay/shared"):
+        for name in imports(path):
+            if any(within(name, top) for top in ("relay", "control", "clients")):
+                assert within(name, "relay.shared"), f"{module} imports {name}"
+
+
+def test_relay_imports_neither_control_nor_clients() -> None:
+    for module, path in modules("relay"):
+        if module == COMPOSITION_ROOT:
+            continue
+        for name in imports(path):
+            assert not within(name, "control") and not within(name, "clients"), f"{module} imports {name}"
+
+
+@pytest.mark.parametrize("package", ["control", "clients"])
+def test_control_and_clients_use_only_the_shared_leaf_of_the_relay(package: str) -> None:
+    for module, path in modules(package):
+        for name in imports(path):
+            if within(name, "relay"):
+                assert within(name, "relay.shared"), f"{module} imports {name}"
