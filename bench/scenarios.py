@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import psutil
@@ -39,7 +40,7 @@ from bench.stack import (
 )
 from bench.stats import latency_summary, median, ratio, time_bins, value_at_fraction
 from clients.writer import aenqueue
-from devtools.fleet import count_kafka_records, redis_delete, redis_stream_length
+from devtools.fleet import Fleet, count_kafka_records, redis_delete, redis_stream_length
 from relay.config import RelaySettings
 
 log = logging.getLogger("bench")
@@ -703,17 +704,7 @@ async def memory_once(servers: Servers, plan: Plan) -> dict[str, float]:
 
                 sampler = asyncio.create_task(sample_rss())
                 await workload.bulk_insert(conn, schema, topic, rows, workload.SIZES["200B"])
-                committed = time.monotonic()
-                while True:
-                    fleet.check_alive()
-                    left = await pending(probe, schema)
-                    progress.append((time.monotonic(), 1 - left / rows))
-                    if left == 0:
-                        break
-                    if time.monotonic() - committed > 900:
-                        raise BenchError("memory: backlog not drained in 900 s")
-                    await asyncio.sleep(0.5)
-                elapsed = time.monotonic() - committed
+                elapsed = await drain_with_progress(fleet, probe, schema, rows, progress, 900, "memory")
                 await asyncio.sleep(0.3)
                 stop.set()
                 await sampler
@@ -814,17 +805,7 @@ async def memory_large_once(servers: Servers, plan: Plan, verify: bool, **extra:
                 log.info(
                     "memory_large: %d events of %d KiB committed in %.0f s", rows, size // 1024, inserted
                 )
-                committed = time.monotonic()
-                while True:
-                    fleet.check_alive()
-                    left = await pending(probe, schema)
-                    progress.append((time.monotonic(), 1 - left / rows))
-                    if left == 0:
-                        break
-                    if time.monotonic() - committed > 1800:
-                        raise BenchError("memory_large: backlog not drained in 1800 s")
-                    await asyncio.sleep(0.5)
-                elapsed = time.monotonic() - committed
+                elapsed = await drain_with_progress(fleet, probe, schema, rows, progress, 1800, "memory_large")
                 await asyncio.sleep(0.3)
                 stop.set()
                 await sampler
@@ -1029,3 +1010,19 @@ async def run_dbcost(servers: Servers, plan: Plan, results: Results) -> None:
         " bench's own statements, plus the session reset (`SELECT pg_advisory_unlock_all(); CLOSE ALL;"
         " UNLISTEN *; RESET ALL`) asyncpg's pool sends each time a connection goes back to the pool. rows_per_claim averages over every claim, empty idle polls included.",
     )
+
+
+async def drain_with_progress(
+    fleet: Fleet, probe: Any, schema: str, rows: int, progress: list[tuple[float, float]], limit: float, what: str
+) -> float:
+    """Waits for the backlog to drain, recording the fraction done over time; returns the seconds taken."""
+    committed = time.monotonic()
+    while True:
+        fleet.check_alive()
+        left = await pending(probe, schema)
+        progress.append((time.monotonic(), 1 - left / rows))
+        if left == 0:
+            return time.monotonic() - committed
+        if time.monotonic() - committed > limit:
+            raise BenchError(f"{what}: backlog not drained in {limit:.0f} s")
+        await asyncio.sleep(0.5)

@@ -496,9 +496,17 @@ async def redis_delete(url: str, *keys: str) -> None:
 # --- checking delivery ------------------------------------------------------------------------------
 
 
-def check_delivery(written: Iterable[Written], received: Iterable[Received]) -> dict[str, int]:
-    """Every written event arrived; per (topic, key), first arrivals follow id order.
-    Returns counts, including duplicates (allowed only after crashes or lease loss)."""
+@dataclass(frozen=True)
+class DeliveryTally:
+    """What consumers received, against what was written."""
+
+    seen: set[str]  # distinct message ids received
+    duplicates: int  # copies after the first
+    violations: list[str]  # first arrivals out of id order within a (topic, key)
+
+
+def tally_delivery(written: Iterable[Written], received: Iterable[Received]) -> DeliveryTally:
+    """Per (topic, key) of the written events, first arrivals must follow id order."""
     by_message = {w.message_id: w for w in written}
     seen: set[str] = set()
     duplicates = 0
@@ -516,10 +524,20 @@ def check_delivery(written: Iterable[Written], received: Iterable[Received]) -> 
         if original.id < last_id[group]:
             violations.append(f"{group}: id {original.id} after {last_id[group]}")
         last_id[group] = max(last_id[group], original.id)
-    missing = set(by_message) - seen
+    return DeliveryTally(seen, duplicates, violations)
+
+
+def check_delivery(written: Iterable[Written], received: Iterable[Received]) -> dict[str, int]:
+    """Every written event arrived; per (topic, key), first arrivals follow id order.
+    Returns counts, including duplicates (allowed only after crashes or lease loss)."""
+    written = list(written)
+    tally = tally_delivery(written, received)
+    missing = {w.message_id for w in written} - tally.seen
     assert not missing, f"{len(missing)} events never arrived, e.g. {sorted(missing)[:3]}"
-    assert not violations, f"per-key order broken {len(violations)} times, e.g. {violations[:3]}"
-    return {"delivered": len(seen), "duplicates": duplicates}
+    assert not tally.violations, (
+        f"per-key order broken {len(tally.violations)} times, e.g. {tally.violations[:3]}"
+    )
+    return {"delivered": len(tally.seen), "duplicates": tally.duplicates}
 
 
 # --- small helpers ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from devtools.fleet import Received, Written, check_delivery, json_lines
+from devtools.fleet import Received, Written, check_delivery, json_lines, tally_delivery
 
 RSS_GROWTH_LIMIT = 0.5  # last-quarter median over first-quarter median, minus 1
 RSS_MIN_LIFETIME = 60.0  # seconds a relay must live for its RSS trend to be judged
@@ -97,22 +97,8 @@ def analyse_delivery(
 ) -> Delivery:
     """Every written event must arrive; per (topic, key), first arrivals must follow id order."""
     by_message = {w.message_id: w for w in written}
-    seen: set[str] = set()
-    duplicates = 0
-    last_id: dict[tuple[str, str], int] = defaultdict(int)
-    violations: list[str] = []
-    for event in received:
-        if event.message_id in seen:
-            duplicates += 1
-            continue
-        seen.add(event.message_id)
-        original = by_message.get(event.message_id)
-        if original is None:
-            continue
-        group = (original.topic, original.key)
-        if original.id < last_id[group]:
-            violations.append(f"{group}: id {original.id} after {last_id[group]}")
-        last_id[group] = max(last_id[group], original.id)
+    tally = tally_delivery(written, received)
+    seen, duplicates, violations = tally.seen, tally.duplicates, tally.violations
     lost = sorted((w for m, w in by_message.items() if m not in seen), key=lambda w: w.id)
     strangers = seen - set(by_message)
     return Delivery(

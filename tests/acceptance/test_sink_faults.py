@@ -293,14 +293,12 @@ async def test_a_new_kafka_topic_during_a_broker_outage_is_not_dead_lettered(
             database_url,
             schema,
             endpoints.kafka_bootstrap,
-            "",
             OUTBOX_UNKNOWN_TOPIC_GRACE="3",
             # Short requests, so a metadata request to the frozen broker gives up within the
             # outage (aiokafka's request timeout is this, at most 30 s).
             OUTBOX_PUBLISH_TIMEOUT="3",
             OUTBOX_SINK_BACKOFF_MAX="1",
         )
-        env.pop("OUTBOX_REDIS_URL")
         fleet = Fleet(database_url, schema, tmp_path, env)
         with running(fleet):
             for n in range(2):
