@@ -1,7 +1,8 @@
-"""Client-side helpers for applications that write to the outbox."""
+"""Client-side helpers for applications that write to the outbox (and lease their own singleton jobs)."""
 
 from typing import TYPE_CHECKING, Any
 
+from clients.leases import HeldLease, LeaseError, LeaseLost, LeaseUnavailable, lease, lease_sync
 from clients.writer import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     EnqueueResult,
@@ -18,6 +19,10 @@ from clients.writer import (
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "EnqueueResult",
+    "HeldLease",
+    "LeaseError",
+    "LeaseLost",
+    "LeaseUnavailable",
     "OutboxConflictError",
     "OutboxEvent",
     "OutboxValidationError",
@@ -26,6 +31,8 @@ __all__ = [
     "aenqueue_many",
     "enqueue",
     "enqueue_many",
+    "lease",
+    "lease_sync",
 ]
 
 # The control-plane clients (gRPC ControlService); see clients.control for the result types. They are

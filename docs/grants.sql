@@ -9,7 +9,7 @@
 --        -v writer=outbox_writer -v relay=outbox_relay -v operator=outbox_operator \
 --        -f docs/grants.sql "$OWNER_DATABASE_URL"
 --
--- It is written for the schema at the head revision of this release (0004). No sequence privilege is
+-- It is written for the schema at the head revision of this release (0005). No sequence privilege is
 -- needed: every id is an identity column. Tables a later migration adds get the relay's and the
 -- operator's table privileges at once (ALTER DEFAULT PRIVILEGES below); re-running this file then
 -- applies the narrower per-table rules.
@@ -24,6 +24,39 @@ GRANT USAGE ON SCHEMA :"schema" TO :"writer", :"relay", :"operator";
 -- conflict check need; a writer sees no delivery state, no dead letter, no lease.
 GRANT INSERT (message_id, topic, key, payload, headers) ON :"schema".outbox TO :"writer";
 GRANT SELECT (id, message_id, topic, key, payload, headers) ON :"schema".outbox TO :"writer";
+
+-- The SQL API (docs/sql-api.md): functions run with the caller's privileges (SECURITY INVOKER), so
+-- EXECUTE adds no reach beyond the table grants; it says which role calls which function. Nobody
+-- else may call one (PostgreSQL grants EXECUTE on a new function to PUBLIC).
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA :"schema" FROM PUBLIC;
+-- Writers publish events; publish_outbox calls _publish_outbox, its shared implementation.
+GRANT EXECUTE ON FUNCTION
+    :"schema".publish_outbox(text, text, bytea, jsonb, uuid, integer),
+    :"schema".publish_outbox(text, text, text, jsonb, uuid, integer),
+    :"schema".publish_outbox(text, text, jsonb, jsonb, uuid, integer),
+    :"schema"._publish_outbox(text, text, bytea, jsonb, uuid, integer, boolean)
+    TO :"writer";
+-- Relays: leases and the relay's own steps (what a relay written in another language would run).
+GRANT EXECUTE ON FUNCTION
+    :"schema".acquire_lock(text, text, double precision),
+    :"schema".extend_lock(text, text, bigint, double precision),
+    :"schema".extend_locks(text[], bigint[], text, double precision),
+    :"schema".release_lock(text, text, bigint),
+    :"schema".release_locks(text[], bigint[], text),
+    :"schema".cleanup_expired_locks(),
+    :"schema".claim_outbox_events(integer, text, text, bigint, integer, text[], bigint, text[]),
+    :"schema".complete_outbox_event(bigint[], text, text, bigint, boolean),
+    :"schema".record_outbox_failure(bigint[], text, text, bigint, double precision[], text[]),
+    :"schema".archive_dead_letter(bigint[], text, text, bigint, text[], text[])
+    TO :"relay";
+-- Operators: replay dead letters, and release (never take) a lease, as the control plane does.
+GRANT EXECUTE ON FUNCTION
+    :"schema".record_replay(text, text, text, timestamptz, timestamptz, text, bigint[], bigint, bigint,
+                            integer, boolean, text),
+    :"schema".release_lock(text, text, bigint),
+    :"schema".release_locks(text[], bigint[], text),
+    :"schema".cleanup_expired_locks()
+    TO :"operator";
 
 -- Relays: rows of every table, then narrower rules. A relay never creates an event, nor changes
 -- one: on the outbox it reads, deletes (settles) and updates the delivery columns only.

@@ -60,6 +60,14 @@ class RelaySettings(DatabaseSettings):
     listen: bool = Field(
         True, description="LISTEN for insert notifications; false for poll-only (PgBouncer)."
     )
+    fast_takeover: bool = Field(
+        True,
+        description="Hold a liveness lock on a dedicated session so peers take a crashed instance's"
+        " partitions within a second; false behind transaction pooling (the lease TTL then bounds it).",
+    )
+    fast_takeover_interval: float = Field(
+        0.2, gt=0, le=5, description="Seconds between looks at the peers' liveness locks."
+    )
     max_attempts: int = Field(10, ge=1, description="Publish attempts before an event is dead-lettered.")
     backoff_initial: float = Field(0.5, gt=0, description="First retry delay in seconds.")
     backoff_max: float = Field(300.0, gt=0, description="Longest retry delay in seconds.")

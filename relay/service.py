@@ -24,6 +24,7 @@ from relay.config import RelaySettings, SinkKind
 from relay.coordinator import Coordinator
 from relay.health import SinkHealth
 from relay.leases import LEADER
+from relay.liveness import LivenessWatcher
 from relay.maintenance import Maintenance
 from relay.migrate import head_revision, schema_state
 from relay.notifications import InsertListener
@@ -156,6 +157,15 @@ class RelayService:
                 self.store, self.coordinator.wake, self.coordinator.wake_all, self.metrics.database_error
             )
             self.supervisor.supervise("listener", listener.run, backoff=FailureBackoff(0.2, 10.0)).start()
+        if self.settings.fast_takeover:
+            watcher = LivenessWatcher(
+                self.store,
+                self.settings.instance_id,
+                self._peers_changed,
+                self.settings.fast_takeover_interval,
+                self.metrics.database_error,
+            )
+            self.supervisor.supervise("liveness", watcher.run, backoff=FailureBackoff(0.2, 5.0)).start()
         self.started = True
         log.info(
             "relay started",
@@ -165,6 +175,11 @@ class RelayService:
                 "sinks": sorted(k.value for k in self.router.sinks),
             },
         )
+
+    def _peers_changed(self) -> None:
+        """A peer died (its leases expired at once) or gave its leases up: take them now."""
+        if self.coordinator is not None:
+            self.coordinator.poke()
 
     @property
     def meter(self) -> metrics.Meter | None:

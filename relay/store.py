@@ -87,6 +87,29 @@ class RelayStore:
             self._url, statement_cache_size=0, server_settings={"application_name": "outbox-relay-listener"}
         )
 
+    async def connect_liveness(self) -> asyncpg.Connection:
+        """A dedicated session holding this instance's liveness lock (never a pooled one)."""
+        return await asyncpg.connect(
+            self._url,
+            statement_cache_size=0,
+            command_timeout=10,
+            server_settings={"application_name": "outbox-relay-liveness"},
+        )
+
+    # -- liveness (fast takeover, relay.liveness): on the dedicated session -------------------
+
+    async def take_liveness_lock(self, conn: asyncpg.Connection, key: str) -> bool:
+        """Whether this session now holds the liveness lock named `key` (False: another one does)."""
+        return bool(await conn.fetchval(self._q["liveness_lock"], key))
+
+    async def liveness_peers(self, conn: asyncpg.Connection, prefix: str, me: str) -> dict[str, bool]:
+        """Every other holder of an unexpired lease → whether its liveness lock is held now."""
+        return {r["holder"]: r["alive"] for r in await conn.fetch(self._q["liveness_peers"], prefix, me)}
+
+    async def expire_dead_holder(self, conn: asyncpg.Connection, prefix: str, holder: str) -> list[str]:
+        """Expires `holder`'s leases and marks it stopped, if its liveness lock is still free."""
+        return [r["name"] for r in await conn.fetch(self._q["liveness_expire_dead"], prefix, holder)]
+
     # -- the relay path: claim, settle, fail ------------------------------------------------
 
     async def claim_batch(

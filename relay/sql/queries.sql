@@ -195,3 +195,46 @@ ORDER BY topic;
 
 -- dead_letter_count --
 SELECT count(*)::bigint FROM {schema}.dead_letter_archive;
+
+-- liveness_lock --
+-- Held for the life of this instance's dedicated liveness session ($1: '<schema>/<instance_id>').
+-- The server drops it the moment the session ends, e.g. because the process died. A try: another
+-- session may hold it (the lingering backend of a previous process with the same instance id).
+SELECT pg_try_advisory_lock(hashtextextended($1, 0));
+
+-- liveness_key_held --
+-- A fragment: true while some session holds the liveness lock named by `{schema}/holder` in $1 || h.holder.
+EXISTS (
+    SELECT 1 FROM pg_locks k
+    WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
+      AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND ((k.classid::int8 << 32) | k.objid::int8) = hashtextextended($1 || h.holder, 0))
+
+-- liveness_peers --
+-- Every other holder of an unexpired lease ($2: this instance), with whether its liveness lock is
+-- held right now ($1: '<schema>/').
+-- Only the relay's own leases: applications' leases (clients/leases.py) share the table.
+SELECT h.holder, {fragment:liveness_key_held} AS alive
+FROM (SELECT DISTINCT holder FROM {schema}.distributed_locks
+      WHERE holder IS NOT NULL AND holder <> $2 AND expires_at > now()
+        AND (name = 'leader' OR name LIKE 'partition:%')) h;
+
+-- liveness_expire_dead --
+-- The holder $2 was seen holding its liveness lock and now does not: its session ended, so its
+-- process is gone. Its leases expire now (the fence of any write it might still send fails), and
+-- it stops counting as live, so that the survivors' fair share grows to cover its partitions.
+-- Guarded by the lock still being free, in the same statement.
+WITH h AS (SELECT $2::text AS holder),
+dead AS (SELECT holder FROM h WHERE NOT {fragment:liveness_key_held}),
+expired AS (
+    UPDATE {schema}.distributed_locks l SET expires_at = now()
+    FROM dead WHERE l.holder = dead.holder AND l.expires_at > now()
+      AND (l.name = 'leader' OR l.name LIKE 'partition:%')
+    RETURNING l.name
+),
+stopped AS (
+    UPDATE {schema}.relay_instances i SET stopped_at = now()
+    FROM dead WHERE i.instance_id = dead.holder AND i.stopped_at IS NULL
+    RETURNING i.instance_id
+)
+SELECT name FROM expired ORDER BY name;

@@ -6,6 +6,7 @@ role is refused what it has no business doing."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -255,6 +256,62 @@ async def test_each_role_does_its_job_with_the_documented_grants_and_nothing_mor
     )
 
 
+async def test_each_role_calls_its_sql_api_functions_and_no_others(roles: Roles, schema: str) -> None:
+    """docs/sql-api.md: writers publish, relays take leases and run the relay's steps, operators replay."""
+    s = f'"{schema}"'
+    writer = await asyncpg.connect(roles.urls["writer"])
+    try:
+        mid = await writer.fetchval(f"SELECT {s}.publish_outbox('orders', 'k', '{{\"id\": 1}}'::jsonb)")
+        retry = f"SELECT {s}.publish_outbox('orders', 'k', '{{\"id\": 1}}'::jsonb, '{{}}', $1)"
+        assert await writer.fetchval(retry, mid) == mid
+        with pytest.raises(asyncpg.PostgresError) as conflict:
+            await writer.fetchval(f"SELECT {s}.publish_outbox('orders', 'k', 'x'::bytea, '{{}}', $1)", mid)
+        assert conflict.value.sqlstate == "OBX01"
+    finally:
+        await writer.close()
+    lease = "partition:0"
+    relay = await asyncpg.connect(roles.urls["relay"])
+    try:
+        token = await relay.fetchval(f"SELECT {s}.acquire_lock($1, 'r1', 30)", lease)
+        assert token == 1
+        assert await relay.fetchval(f"SELECT {s}.extend_lock($1, 'r1', $2, 30)", lease, token)
+        await relay.fetch(f"SELECT * FROM {s}.claim_outbox_events(0, $1, 'r1', $2, 10)", lease, token)
+        await relay.fetchval(f"SELECT {s}.complete_outbox_event('{{}}', $1, 'r1', $2)", lease, token)
+        await relay.fetchval(
+            f"SELECT {s}.record_outbox_failure('{{}}', $1, 'r1', $2, '{{}}', '{{}}')", lease, token
+        )
+        await relay.fetch(
+            f"SELECT * FROM {s}.archive_dead_letter('{{}}', $1, 'r1', $2, '{{}}', '{{}}')", lease, token
+        )
+        assert await relay.fetchval(f"SELECT {s}.cleanup_expired_locks()") == 0
+    finally:
+        await relay.close()
+    operator = await asyncpg.connect(roles.urls["operator"])
+    try:
+        assert await operator.fetchval(f"SELECT {s}.release_lock($1, 'r1', 1)", lease)
+        await operator.fetch(
+            f"SELECT * FROM {s}.record_replay(NULL, NULL, NULL, NULL, NULL, 'req', NULL, 0, 100, 10, false, 'ops')"
+        )
+    finally:
+        await operator.close()
+    await _refused(
+        roles.urls["writer"],
+        f"SELECT {s}.acquire_lock('partition:1', 'w', 30)",
+        f"SELECT * FROM {s}.claim_outbox_events(0, 'partition:0', 'w', 1, 10)",
+        f"SELECT * FROM {s}.record_replay(NULL, NULL, NULL, NULL, NULL, 'r', NULL, 0, 1, 1, false, 'w')",
+    )
+    await _refused(
+        roles.urls["relay"],
+        f"SELECT {s}.publish_outbox('t', NULL, 'x'::bytea)",
+        f"SELECT * FROM {s}.record_replay(NULL, NULL, NULL, NULL, NULL, 'r', NULL, 0, 1, 1, false, 'r')",
+    )
+    await _refused(
+        roles.urls["operator"],
+        f"SELECT {s}.acquire_lock('partition:1', 'o', 30)",
+        f"SELECT * FROM {s}.claim_outbox_events(0, 'partition:0', 'o', 1, 10)",
+    )
+
+
 async def _refused(url: str, *statements: str) -> None:
     conn = await asyncpg.connect(url)
     allowed = []
@@ -302,4 +359,6 @@ async def _outbox_count(database_url: str, schema: str) -> int:
 def test_psql_variables_are_the_only_placeholders() -> None:
     """The file names no schema or role of its own: everything comes from the -v variables."""
     sql = "\n".join(line for line in GRANTS.read_text().splitlines() if not line.lstrip().startswith("--"))
-    assert "outbox." not in sql and "outbox_" not in sql
+    assert "outbox." not in sql
+    # Role names of its own (the SQL API's function names, like publish_outbox, are the schema's).
+    assert not re.search(r"\boutbox_(writer|relay|operator)", sql)
