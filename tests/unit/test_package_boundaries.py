@@ -4,6 +4,7 @@ for relay.cli, the composition root); control/ and clients/ use only relay.share
 from __future__ import annotations
 
 import ast
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,19 @@ def modules(package: str) -> Iterator[tuple[str, Path]]:
             yield ".".join(path.relative_to(ROOT).with_suffix("").parts), path
 
 
+def parse(source: str) -> ast.Module:
+    # CPython 3.11 can raise "AST constructor recursion depth mismatch" when a garbage collection
+    # runs Python finalizers (say, of a test's leftover coroutine) in the middle of ast.parse.
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        gc.enable()
+
+
 def imports(path: Path) -> set[str]:
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
