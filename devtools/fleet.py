@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,22 +431,29 @@ async def topic_from_start(bootstrap: str, topic: str, **options: Any) -> AsyncI
         await consumer.stop()
 
 
-async def read_kafka(bootstrap: str, topic: str) -> list[Received]:
-    """Everything in the topic, partition by partition, in offset order."""
+async def read_kafka(
+    bootstrap: str, topic: str, expect: Collection[str] = (), patience: float = 20.0
+) -> list[Received]:
+    """Everything in the topic, partition by partition, in offset order. Stops after 1 s without a
+    new record, or, when `expect` names message ids, once all of them were read or after `patience`
+    seconds without a new record (a broker just thawed can be slow to serve its first fetches)."""
+    wanted = set(expect)
     async with topic_from_start(bootstrap, topic, fetch_max_wait_ms=20) as consumer:
         out: list[Received] = []
-        idle_rounds = 0
-        while idle_rounds < 5:
+        last_progress = time.monotonic()
+        while True:
             batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            if not any(batch.values()):
-                idle_rounds += 1
-                continue
-            idle_rounds = 0
+            if any(batch.values()):
+                last_progress = time.monotonic()
             for records in batch.values():
                 for record in records:
                     headers = dict(record.headers)
-                    out.append(Received(headers["message-id"].decode(), topic, (record.key or b"").decode()))
-        return out
+                    message_id = headers["message-id"].decode()
+                    wanted.discard(message_id)
+                    out.append(Received(message_id, topic, (record.key or b"").decode()))
+            idle = time.monotonic() - last_progress
+            if (expect and not wanted) or idle >= (patience if wanted else 1.0):
+                return out
 
 
 async def count_kafka_records(bootstrap: str, topic: str, expected: int, idle: float = 3.0) -> int:

@@ -318,7 +318,10 @@ async def test_a_new_kafka_topic_during_a_broker_outage_is_not_dead_lettered(
             frozen = None
 
             await drained(fleet, timeout=45)
-            result = check_delivery(written, await read_kafka(endpoints.kafka_bootstrap, new_topic))
+            received = await read_kafka(
+                endpoints.kafka_bootstrap, new_topic, expect=[w.message_id for w in written]
+            )
+            result = check_delivery(written, received)
             assert result["delivered"] == 300, result
             check_delivery(warm, await read_kafka(endpoints.kafka_bootstrap, warm_topic))
             await assert_nothing_dead_lettered(fleet, "after the broker came back")
