@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,18 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from clients.writer import OutboxEvent, aenqueue_many
 
-RELAY_BIN = str(Path(sys.executable).with_name("outbox-relay"))
+
+def console_script(name: str) -> str:
+    """The path of one of the project's console scripts: beside this interpreter, else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    assert found, f"the {name} console script is not installed"
+    return found
+
+
+RELAY_BIN = console_script("outbox-relay")
 
 # Short leases and polls so that failover and draining happen within a test's patience.
 FAST_FAILOVER: Mapping[str, str] = {

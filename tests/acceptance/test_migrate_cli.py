@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pydantic import SecretStr
 
 from clients.writer import enqueue
 from devtools.embedded import StackEndpoints, _postgres_bin_dir
-from devtools.fleet import RelayProcess, read_redis, relay_env, unique_name, wait_until
+from devtools.fleet import RelayProcess, console_script, read_redis, relay_env, unique_name, wait_until
 from relay import migrate
 from relay.config import DatabaseSettings
 from relay.migrate import head_revision
@@ -44,16 +43,7 @@ RELAY_TABLES = {
 STACK_PROCESS_PREFIXES = ("postgres", "tansu", "redis-server")
 
 
-def _relay_executable() -> str:
-    beside = Path(sys.executable).with_name("outbox-relay")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("outbox-relay")
-    assert found, "the outbox-relay console script is not installed"
-    return found
-
-
-OUTBOX_RELAY = _relay_executable()
+OUTBOX_RELAY = console_script("outbox-relay")
 
 
 def _env(**outbox: str) -> dict[str, str]:

@@ -10,11 +10,9 @@ passwords, both control-plane tokens and token files. Each case must exit non-ze
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ import pytest
 
 from clients.control import ControlClient, ControlError
 from devtools.embedded import StackEndpoints
+from devtools.fleet import console_script
 
 DB_PASSWORD = "dbpw-Url-5e1c9a0f"
 KW_PASSWORD = "kwpw 7b3d 2f91"  # a keyword-DSN password with spaces, so quoted: password='...'
@@ -52,17 +51,8 @@ SECRETS = {
 COMMAND_TIMEOUT = 60.0
 
 
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    assert found, f"the {name} console script is not installed"
-    return found
-
-
-OUTBOX_RELAY = _executable("outbox-relay")
-OUTBOXCTL = _executable("outboxctl")
+OUTBOX_RELAY = console_script("outbox-relay")
+OUTBOXCTL = console_script("outboxctl")
 
 
 def _closed_port() -> int:

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import pty
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import psycopg
 import pytest
 
 from clients.control import ControlClient, ControlError
+from devtools.fleet import console_script
 from relay.migrate import head_revision
 
 ADMIN_TOKEN = "admin-ctl-token-9d2e7f41c6a8"
@@ -33,17 +32,8 @@ COMMAND_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
 
 
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    assert found, f"the {name} console script is not installed"
-    return found
-
-
-OUTBOXCTL = _executable("outboxctl")
-OUTBOX_RELAY = _executable("outbox-relay")
+OUTBOXCTL = console_script("outboxctl")
+OUTBOX_RELAY = console_script("outbox-relay")
 
 
 def _env(**outbox: str) -> dict[str, str]:

@@ -50,7 +50,7 @@ from devtools.fleet import (
 
 pytestmark = pytest.mark.slow
 PARTITIONS = 16
-# Issue 12's setting (name not final): seconds a relay whose sink alone is down keeps its partitions.
+# Seconds a relay whose sink alone is down keeps its partitions before handing them over.
 HANDOVER_AFTER = "OUTBOX_SINK_HANDOVER_AFTER"
 
 
