@@ -1,7 +1,10 @@
 """`outbox-relay demo`: the whole system on one machine, with live progress.
 
 Starts the embedded stack, migrates, runs relay instances (orders.* -> Kafka, notify.* -> Redis),
-writes demo events in real committed transactions, and shows the flow until everything is published."""
+writes demo events in real committed transactions, runs one inbox consumer of orders.* (a billing
+handler writing an invoice per order, effectively once; now and then a few orders are published
+again, as after a relay crash, and the inbox skips them), and shows the flow until everything is
+published and billed."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from pydantic import SecretStr
@@ -21,6 +25,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from clients.consumers import ConsumerSettings, KafkaInboxConsumer, kafka_subscription
+from clients.inbox import AsyncInbox, InboxMessage, InboxOutcome, InboxResult
 from clients.writer import OutboxEvent, aenqueue_many
 from control.server import ControlServer, ControlSettings
 from devtools.embedded import EmbeddedStack
@@ -39,6 +45,11 @@ class Progress:
     oldest_age: float = 0.0
     dead_letters: int = 0
     started: float = 0.0
+    orders_written: int = 0
+    processed: int = 0  # by the inbox consumer: handler committed with the processed mark
+    duplicates: int = 0  # redeliveries the inbox skipped
+    redelivered: int = 0  # copies the demo published again (as after a relay crash)
+    invoices: int = 0  # the handler's business rows
 
     @property
     def published(self) -> int:
@@ -84,6 +95,7 @@ async def write_events(pool: asyncpg.Pool, progress: Progress, rate: int, stop: 
         async with pool.acquire() as conn, conn.transaction():
             await aenqueue_many(conn, events, schema=SCHEMA)
         progress.written += len(events)
+        progress.orders_written += sum(event.topic == "orders.created" for event in events)
         await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
 
 
@@ -92,7 +104,8 @@ async def observe(pool: asyncpg.Pool, progress: Progress) -> list[tuple[str, str
         row = await conn.fetchrow(
             f"SELECT (SELECT count(*) FROM {SCHEMA}.outbox) AS pending,"
             f" (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM {SCHEMA}.outbox) AS age,"
-            f" (SELECT count(*) FROM {SCHEMA}.dead_letter_archive) AS dead"
+            f" (SELECT count(*) FROM {SCHEMA}.dead_letter_archive) AS dead,"
+            f" (SELECT count(*) FROM {SCHEMA}.demo_invoices) AS invoices"
         )
         leases = await conn.fetch(
             f"SELECT holder, count(*) FILTER (WHERE name LIKE 'partition:%') AS partitions,"
@@ -100,6 +113,7 @@ async def observe(pool: asyncpg.Pool, progress: Progress) -> list[tuple[str, str
             " WHERE holder IS NOT NULL AND expires_at > now() GROUP BY holder ORDER BY holder"
         )
     progress.pending, progress.oldest_age, progress.dead_letters = row["pending"], row["age"], row["dead"]
+    progress.invoices = row["invoices"]
     return [(r["holder"], str(r["partitions"]), "yes" if r["leader"] else "") for r in leases]
 
 
@@ -117,12 +131,72 @@ def render(progress: Progress, holders: list[tuple[str, str, str]], phase: str) 
         f"{progress.dead_letters:,}",
         f"{progress.published / elapsed:,.0f}/s",
     )
+    inbox = Table(title="Inbox consumer (group demo-billing, orders.* on Kafka)", show_header=True)
+    for column in ("orders written", "processed", "redelivered copies", "duplicates skipped", "invoices"):
+        inbox.add_column(column, justify="right")
+    inbox.add_row(
+        f"{progress.orders_written:,}",
+        f"{progress.processed:,}",
+        f"{progress.redelivered:,}",
+        f"{progress.duplicates:,}",
+        f"{progress.invoices:,}",
+    )
     leases = Table(title="Leases (distributed_locks)")
     for column in ("instance", "partitions", "leader"):
         leases.add_column(column)
     for holder in holders:
         leases.add_row(*holder)
-    return Group(flow, leases)
+    return Group(flow, inbox, leases)
+
+
+class CountingInbox(AsyncInbox):
+    """The inbox, tallying outcomes for the progress display and keeping the last messages it
+    processed (the demo publishes some of them again, as a relay crash would)."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__("demo-billing", schema=SCHEMA, lock_stale_threshold=30.0)
+        self.progress = progress
+        self.recent: list[InboxMessage] = []
+
+    async def process(self, conn: Any, message: InboxMessage, handler: Any) -> InboxResult:
+        result = await super().process(conn, message, handler)
+        if result.outcome is InboxOutcome.PROCESSED:
+            self.progress.processed += 1
+            self.recent = [*self.recent[-49:], message]
+        elif result.outcome is InboxOutcome.DUPLICATE:
+            self.progress.duplicates += 1
+        return result
+
+
+async def bill(conn: Any, message: InboxMessage) -> None:
+    """The demo handler: one invoice per order, in the inbox's transaction (a second one for the same
+    message would violate the primary key: effectively once is checked, not assumed)."""
+    order = json.loads(message.payload)
+    await conn.execute(
+        f"INSERT INTO {SCHEMA}.demo_invoices (message_id, customer, n) VALUES ($1, $2, $3)",
+        message.message_id, order["customer"], order["n"],
+    )
+
+
+async def redeliver(bootstrap: str, inbox: CountingInbox, progress: Progress, stop: asyncio.Event) -> None:
+    """Every 2 s, publishes the last few processed orders again with their message-id: the copies a
+    relay crash would cause. The inbox skips them."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+            for message in inbox.recent[-5:]:
+                headers = [(name, value.encode()) for name, value in message.headers.items()]
+                headers.append(("message-id", message.message_id.encode()))
+                key = message.key.encode() if message.key is not None else None
+                await producer.send_and_wait(message.topic, message.payload, key=key, headers=headers)
+                progress.redelivered += 1
+    finally:
+        await producer.stop()
 
 
 async def run_demo(duration: float, rate: int, instances: int) -> int:
@@ -132,6 +206,14 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
         urls = stack.start()
         settings = relay_settings((urls.database_url, urls.kafka_bootstrap, urls.redis_url), 0)
         await asyncio.to_thread(migrate.upgrade, settings)
+        setup = await asyncpg.connect(urls.database_url)
+        try:
+            await setup.execute(
+                f"CREATE TABLE IF NOT EXISTS {SCHEMA}.demo_invoices"
+                " (message_id text PRIMARY KEY, customer text NOT NULL, n bigint NOT NULL)"
+            )
+        finally:
+            await setup.close()
         console.print(
             f"Schema {SCHEMA!r} migrated. Kafka at {urls.kafka_bootstrap}, Redis at {urls.redis_url}."
         )
@@ -150,12 +232,31 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
         progress = Progress(started=time.monotonic())
         stop_writing = asyncio.Event()
         writer = asyncio.create_task(write_events(pool, progress, rate, stop_writing))
+        inbox = CountingInbox(progress)
+        consumer_settings = ConsumerSettings(
+            database_url=SecretStr(urls.database_url), schema_name=SCHEMA, kafka_bootstrap=urls.kafka_bootstrap,
+            kafka_metadata_max_age=2.0,
+        )
+        _topics, pattern = kafka_subscription("orders.*")
+        consumer = KafkaInboxConsumer(consumer_settings, group="demo-billing", handler=bill, pattern=pattern,
+                                      inbox=inbox)
+        consuming = asyncio.create_task(consumer.run())
+        stop_redelivering = asyncio.Event()
+        redelivering = asyncio.create_task(redeliver(urls.kafka_bootstrap, inbox, progress, stop_redelivering))
         try:
             ok = await _show(console, pool, progress, duration, stop_writing)
         finally:
             stop_writing.set()
+            stop_redelivering.set()
             with contextlib.suppress(Exception):
                 await writer
+            try:
+                await redelivering
+            except Exception:
+                log.warning("the demo's redeliveries failed", exc_info=True)
+            consumer.request_stop()
+            with contextlib.suppress(Exception):
+                await consuming
             for relay in relays:
                 await relay.stop()
             await pool.close()
@@ -163,10 +264,18 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
         "written": progress.written,
         "published": progress.published,
         "dead_letters": progress.dead_letters,
+        "orders": progress.orders_written,
+        "processed": progress.processed,
+        "duplicates_skipped": progress.duplicates,
+        "invoices": progress.invoices,
     }
     console.print()
     console.print(json.dumps(summary))
-    console.print("[green]All events published.[/]" if ok else "[red]Some events were not published.[/]")
+    console.print(
+        "[green]All events published, every order billed once.[/]"
+        if ok
+        else "[red]Some events were not published or billed.[/]"
+    )
     return 0 if ok else 1
 
 
@@ -182,11 +291,12 @@ async def _show(
         except (KeyboardInterrupt, asyncio.CancelledError):
             pass
         stop.set()
-        drain_deadline = time.monotonic() + 30
+        drain_deadline = time.monotonic() + 60
         while time.monotonic() < drain_deadline:
             holders = await observe(pool, progress)
             live.update(render(progress, holders, "draining"))
-            if progress.pending == 0:
+            billed = progress.invoices == progress.orders_written
+            if progress.pending == 0 and billed and (progress.duplicates or not progress.redelivered):
                 live.update(render(progress, holders, "done"))
                 return True
             await asyncio.sleep(0.5)

@@ -9,7 +9,7 @@
 --        -v writer=outbox_writer -v relay=outbox_relay -v operator=outbox_operator \
 --        -f docs/grants.sql "$OWNER_DATABASE_URL"
 --
--- It is written for the schema at the head revision of this release (0005). No sequence privilege is
+-- It is written for the schema at the head revision of this release (0006). No sequence privilege is
 -- needed: every id is an identity column. Tables a later migration adds get the relay's and the
 -- operator's table privileges at once (ALTER DEFAULT PRIVILEGES below); re-running this file then
 -- applies the narrower per-table rules.
@@ -24,6 +24,11 @@ GRANT USAGE ON SCHEMA :"schema" TO :"writer", :"relay", :"operator";
 -- conflict check need; a writer sees no delivery state, no dead letter, no lease.
 GRANT INSERT (message_id, topic, key, payload, headers) ON :"schema".outbox TO :"writer";
 GRANT SELECT (id, message_id, topic, key, payload, headers) ON :"schema".outbox TO :"writer";
+
+-- Consuming services (the inbox of clients.inbox, docs/consumers.md) run as the writer role too: they
+-- claim, mark and release their own inbox rows. Deleting them is the retention clean-up's job (the
+-- relay role: its leader, or `outbox-relay inbox-cleanup`).
+GRANT SELECT, INSERT, UPDATE ON :"schema".inbox TO :"writer";
 
 -- The SQL API (docs/sql-api.md): functions run with the caller's privileges (SECURITY INVOKER), so
 -- EXECUTE adds no reach beyond the table grants; it says which role calls which function. Nobody
@@ -64,6 +69,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA :"schema" TO :"rela
 REVOKE INSERT, UPDATE ON :"schema".outbox FROM :"relay";
 GRANT UPDATE (attempts, next_attempt_at, last_error, first_attempt_at, last_attempt_at, published_at)
     ON :"schema".outbox TO :"relay";
+-- The consumers' inbox: the relay counts stale claims and deletes expired processed rows, no more.
+REVOKE INSERT, UPDATE ON :"schema".inbox FROM :"relay";
 -- Dead letters: the relay archives them; operators replay and purge them.
 REVOKE UPDATE, DELETE ON :"schema".dead_letter_archive FROM :"relay";
 -- Read only for a relay: the schema's own records, and the operators' tables.

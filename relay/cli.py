@@ -1,4 +1,5 @@
-"""`outbox-relay`: migrate the schema, run a relay, serve the control plane, run the demo."""
+"""`outbox-relay`: migrate the schema, run a relay, serve the control plane, consume through the inbox,
+clean the consumers' inbox, run the demo."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 from rich.markup import escape
 
+from clients.consumers.settings import ConsumerSettings
 from relay import migrate as migrations
-from relay.config import DatabaseSettings, RelaySettings
+from relay.config import DatabaseSettings, InboxCleanupSettings, RelaySettings
 from relay.logs import setup_logging
 from relay.shared.config_errors import config_error_lines, remember_environment_secrets
 from relay.shared.redaction import redact
@@ -240,6 +242,178 @@ def control(log_level: LogLevel = "INFO") -> None:
     except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
         log.debug("control plane failed", exc_info=True)
         raise _fail(f"control plane failed: {type(exc).__name__}: {exc}", 1) from None
+
+
+@app.command("inbox-cleanup")
+def inbox_cleanup(
+    retention: Annotated[
+        float | None,
+        typer.Option(help="Seconds processed inbox rows are kept (default: OUTBOX_INBOX_RETENTION, else 7 days).", min=0.001),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Rows deleted per statement (default: OUTBOX_INBOX_CLEANUP_BATCH_SIZE, else 1000).",
+            min=1,
+            max=100_000,
+        ),
+    ] = None,
+    pause: Annotated[float, typer.Option(help="Seconds between two batches.", min=0)] = 0.05,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be deleted and kept; delete nothing.")
+    ] = False,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Delete the consumers' processed inbox rows older than the retention, in small batches (each a
+    short transaction, a pause between them) so consumers keep processing. Rows still processing or
+    failed are never deleted. Safe to run while consumers and relays run, and from a cron job."""
+    setup_logging(log_level)
+    settings = _settings(InboxCleanupSettings)
+    keep = settings.inbox_retention if retention is None else retention
+    batch = settings.inbox_cleanup_batch_size if batch_size is None else batch_size
+    try:
+        asyncio.run(_inbox_cleanup(settings, keep, batch, pause, dry_run))
+    except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
+        log.debug("inbox clean-up failed", exc_info=True)
+        raise _fail(f"inbox clean-up failed: {type(exc).__name__}: {exc}", 1) from None
+
+
+async def _inbox_cleanup(
+    settings: InboxCleanupSettings, retention: float, batch: int, pause: float, dry_run: bool
+) -> None:
+    from relay.maintenance import cleanup_inbox
+    from relay.store import RelayStore
+
+    store = RelayStore(settings.database_url.get_secret_value(), settings.schema_name, pool_size=2)
+    await store.open()
+    try:
+        if dry_run:
+            expired, kept, processing, failed = await store.inbox_cleanup_counts(retention)
+            typer.echo(
+                f"dry run: {expired} processed rows older than {retention:g} s would be deleted"
+                f" (in batches of {batch}); kept: {kept} processed within the retention,"
+                f" {processing} processing, {failed} failed"
+            )
+            return
+        report = await cleanup_inbox(store, retention, batch, pause=pause)
+    finally:
+        await store.close()
+    typer.echo(
+        f"deleted {report.deleted} processed inbox rows older than {retention:g} s in {report.batches} batches"
+    )
+
+
+@app.command(epilog=settings_help(ConsumerSettings))
+def consume(
+    handler: Annotated[
+        str,
+        typer.Argument(help="The handler, module:function (async or sync), called as handler(conn, message)."),
+    ],
+    group: Annotated[str, typer.Option("--group", help="Consumer group; also the inbox's consumer name.")],
+    kafka: Annotated[
+        str | None,
+        typer.Option("--kafka", help="Kafka topics, comma-separated, or a shell-style pattern: 'orders.*'."),
+    ] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis streams (topics), comma-separated.")] = None,
+    shards: Annotated[
+        int,
+        typer.Option("--shards", min=0, help="Each --redis topic is sharded over streams topic:0..topic:N-1."),
+    ] = 0,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Consume the relay's messages effectively once: run HANDLER for each through the Postgres inbox
+    (docs/consumers.md). Exits 0 only when asked to stop (SIGTERM, SIGINT), after the handlers in
+    progress finished and committed; 2 on bad configuration or a handler that cannot be loaded, 3 when
+    the schema has no inbox table (run migrate), 1 when it could not start."""
+    from clients.consumers import HandlerError, kafka_subscription, load_handler
+
+    if (kafka is None) == (redis is None):
+        raise _fail("give --kafka TOPICS or --redis STREAMS (one of them)")
+    if shards and redis is None:
+        raise _fail("--shards applies to --redis only")
+    settings = _settings(ConsumerSettings)
+    setup_logging(log_level)
+    if os.getcwd() not in sys.path:  # like uvicorn: the service's own package from where it runs
+        sys.path.insert(0, os.getcwd())
+    try:
+        function = load_handler(handler)
+        consumer = _consumer(settings, group, kafka, redis, shards, function, kafka_subscription)
+    except HandlerError as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:  # a bad name, or an OUTBOX_INBOX_* setting
+        raise _fail(str(exc)) from None
+    from clients.consumers import SchemaBehindError
+
+    try:
+        asyncio.run(_run_consumer(consumer, settings))
+    except SchemaBehindError as exc:
+        raise _fail(str(exc), 3) from None
+    except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
+        log.debug("consumer failed", exc_info=True)
+        raise _fail(f"consumer failed: {type(exc).__name__}: {exc}", 1) from None
+
+
+def _consumer(
+    settings: ConsumerSettings,
+    group: str,
+    kafka: str | None,
+    redis: str | None,
+    shards: int,
+    handler: Callable[..., Any],
+    subscription: Callable[[str], tuple[list[str], str | None]],
+) -> Any:
+    from clients.consumers import KafkaInboxConsumer, RedisInboxConsumer
+    from clients.consumers.messages import split_names
+
+    if kafka is not None:
+        topics, pattern = subscription(kafka)
+        return KafkaInboxConsumer(settings, group=group, handler=handler, topics=topics, pattern=pattern)
+    assert redis is not None
+    return RedisInboxConsumer(settings, group=group, handler=handler, topics=split_names(redis), shards=shards)
+
+
+async def _run_consumer(consumer: Any, settings: ConsumerSettings) -> None:
+    """Runs the consumer until SIGTERM/SIGINT, with /metrics, /healthz and /readyz on
+    OUTBOX_METRICS_ADDR (the inbox's and the consumer's metrics)."""
+    import signal
+
+    from relay.telemetry import configure_tracing
+
+    configure_tracing()
+    ops = None
+    if settings.metrics_addr:
+        from opentelemetry import metrics
+        from prometheus_client import CollectorRegistry
+
+        from relay.ops_http import OpsServer, Readiness
+        from relay.telemetry import prometheus_meter_provider
+
+        registry = CollectorRegistry()
+        metrics.set_meter_provider(prometheus_meter_provider(registry))
+
+        async def readiness() -> Readiness:
+            checks = consumer.readiness()
+            return Readiness(checks, {name: "not yet" for name, ok in checks.items() if not ok})
+
+        ops = OpsServer(settings.metrics_addr, registry, readiness)
+        await ops.start()
+    signalled = asyncio.Event()
+
+    def stop() -> None:
+        signalled.set()
+        consumer.request_stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await consumer.run()
+    finally:
+        if ops is not None:
+            await ops.stop()
+    if not signalled.is_set():
+        raise RuntimeError("the consumer stopped by itself")
 
 
 @app.command()

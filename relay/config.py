@@ -16,7 +16,14 @@ from pydantic_settings import NoDecode
 from relay.shared.database import DatabaseSettings
 from relay.shared.redaction import remember_secret, url_password
 
-__all__ = ["DatabaseSettings", "RelaySettings", "SettleMode", "SinkKind", "default_instance_id"]
+__all__ = [
+    "DatabaseSettings",
+    "InboxCleanupSettings",
+    "RelaySettings",
+    "SettleMode",
+    "SinkKind",
+    "default_instance_id",
+]
 
 
 class SinkKind(StrEnum):
@@ -31,6 +38,24 @@ class SettleMode(StrEnum):
 
 def default_instance_id() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+# The consumers' inbox (clients.inbox, table `inbox`): its retention clean-up, by `outbox-relay
+# inbox-cleanup` or by the leader (OUTBOX_INBOX_CLEANUP), reads the same variables.
+InboxRetention = Annotated[
+    float, Field(gt=0, description="Seconds processed inbox rows are kept (a redelivery after that runs again).")
+]
+InboxCleanupBatchSize = Annotated[
+    int, Field(ge=1, le=100_000, description="Inbox rows the clean-up deletes per statement.")
+]
+DEFAULT_INBOX_RETENTION = 7 * 86_400.0
+
+
+class InboxCleanupSettings(DatabaseSettings):
+    """What `outbox-relay inbox-cleanup` reads (its options override them)."""
+
+    inbox_retention: InboxRetention = DEFAULT_INBOX_RETENTION
+    inbox_cleanup_batch_size: InboxCleanupBatchSize = 1000
 
 
 class RelaySettings(DatabaseSettings):
@@ -90,6 +115,14 @@ class RelaySettings(DatabaseSettings):
     settle_mode: SettleMode = Field(SettleMode.DELETE, description="delete published rows, or retain them.")
     retention: float = Field(3600.0, ge=0, description="Seconds published rows are kept in retain mode.")
     cleanup_batch_size: int = Field(1000, ge=1)
+    inbox_cleanup: bool = Field(
+        False, description="The leader deletes processed inbox rows older than OUTBOX_INBOX_RETENTION."
+    )
+    inbox_retention: InboxRetention = DEFAULT_INBOX_RETENTION
+    inbox_cleanup_batch_size: InboxCleanupBatchSize = 1000
+    inbox_lock_stale_threshold: float = Field(
+        300.0, gt=0, description="The consumers' inbox stale threshold: the leader counts older claims."
+    )
     max_payload_bytes: int = Field(1_000_000, ge=1, description="Larger events are dead-lettered at once.")
     dlq_publish: bool = Field(False, description="Also publish dead letters to '<topic>.dlq'.")
     partitions: int = Field(16, ge=1, le=4096, description="Partition count; set at first migration.")

@@ -1,5 +1,7 @@
 """Singleton jobs, run only by the instance holding the `leader` lease: retention clean-up in small
-batches, housekeeping, and fleet-wide gauges computed once instead of once per instance."""
+batches (published outbox rows in retain mode; processed rows of the consumers' inbox with
+OUTBOX_INBOX_CLEANUP), housekeeping, and fleet-wide gauges computed once instead of once per instance.
+`cleanup_inbox` is also what `outbox-relay inbox-cleanup` runs."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class FleetGauges:
 
     backlog: list[tuple[str, int, float]] = field(default_factory=list)  # topic, pending, oldest age (s)
     dead_letters: int = 0
+    inbox_stale_locks: list[tuple[str, int]] = field(default_factory=list)  # consumer, stale claims
 
     @property
     def pending(self) -> int:
@@ -37,6 +40,7 @@ class Maintenance:
         self.gauges = FleetGauges()
         self._rounds = 0
         self._topics_seen: set[str] = set()
+        self._consumers_seen: set[str] = set()
 
     @property
     def interval(self) -> float:
@@ -47,6 +51,8 @@ class Maintenance:
     async def run_once(self) -> None:
         if self._settings.settle_mode is SettleMode.RETAIN:
             await self._cleanup_published()
+        if self._settings.inbox_cleanup:
+            await self._cleanup_inbox()
         if self._rounds % 60 == 0:
             await self._store.cleanup_housekeeping()
         self._rounds += 1
@@ -55,7 +61,7 @@ class Maintenance:
         self._topics_seen.update(topic for topic, _, _ in backlog)
         drained = self._topics_seen - {topic for topic, _, _ in backlog}
         backlog += [(topic, 0, 0.0) for topic in sorted(drained)][:1000]
-        self.gauges = FleetGauges(backlog, await self._store.dead_letter_count())
+        self.gauges = FleetGauges(backlog, await self._store.dead_letter_count(), await self._inbox_stale_locks())
 
     async def _cleanup_published(self) -> None:
         batch = self._settings.cleanup_batch_size
@@ -63,3 +69,41 @@ class Maintenance:
             if await self._store.cleanup_published(self._settings.retention, batch) < batch:
                 return
             await asyncio.sleep(0.05)
+
+    async def _cleanup_inbox(self) -> None:
+        # At most 100 small batches a round, like the outbox's clean-up; the next round goes on.
+        report = await cleanup_inbox(
+            self._store, self._settings.inbox_retention, self._settings.inbox_cleanup_batch_size, max_batches=100
+        )
+        if report.deleted:
+            log.debug("inbox clean-up deleted %d processed rows in %d batches", report.deleted, report.batches)
+
+    async def _inbox_stale_locks(self) -> list[tuple[str, int]]:
+        stale = await self._store.inbox_stale_locks(self._settings.inbox_lock_stale_threshold)
+        # A consumer whose stale locks were resolved reports 0 rather than vanishing (alerts resolve).
+        self._consumers_seen.update(consumer for consumer, _ in stale)
+        cleared = self._consumers_seen - {consumer for consumer, _ in stale}
+        return stale + [(consumer, 0) for consumer in sorted(cleared)][:1000]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxCleanupReport:
+    deleted: int
+    batches: int
+
+
+async def cleanup_inbox(
+    store: RelayStore, retention: float, batch_size: int, *, pause: float = 0.05, max_batches: int | None = None
+) -> InboxCleanupReport:
+    """Deletes processed inbox rows older than `retention` seconds, `batch_size` rows per statement
+    (each its own short transaction) with `pause` seconds between statements, so that no lock is held
+    for long and consumers keep processing; stops when a batch comes back short, or after
+    `max_batches`. Rows processing or failed are never deleted."""
+    deleted = batches = 0
+    while max_batches is None or batches < max_batches:
+        count = await store.cleanup_inbox(retention, batch_size)
+        deleted, batches = deleted + count, batches + 1
+        if count < batch_size:
+            break
+        await asyncio.sleep(pause)
+    return InboxCleanupReport(deleted, batches)

@@ -227,6 +227,12 @@ class RelayService:
             lambda: leader_only([(float(self.maintenance.gauges.dead_letters), {})]),
         )
         m.gauge(
+            "outbox_inbox_stale_locks",
+            "{lock}",
+            "Consumers' inbox claims older than OUTBOX_INBOX_LOCK_STALE_THRESHOLD, by consumer (leader)",
+            lambda: leader_only([(float(n), {"consumer": c}) for c, n in self.maintenance.gauges.inbox_stale_locks]),
+        )
+        m.gauge(
             "outbox_paused",
             "1",
             "1 per active pause, by topic pattern ('*' = everything)",

@@ -234,6 +234,18 @@ class RelayStore:
     async def cleanup_published(self, retention: float, batch: int) -> int:
         return _affected(await self.pool.execute(self._q["cleanup_published"], retention, batch))
 
+    async def cleanup_inbox(self, retention: float, batch: int) -> int:
+        return _affected(await self.pool.execute(self._q["inbox_cleanup"], retention, batch))
+
+    async def inbox_cleanup_counts(self, retention: float) -> tuple[int, int, int, int]:
+        """(processed past the retention, processed within it, processing, failed) inbox rows."""
+        row = await self.pool.fetchrow(self._q["inbox_cleanup_counts"], retention)
+        return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    async def inbox_stale_locks(self, threshold: float) -> list[tuple[str, int]]:
+        records = await self.pool.fetch(self._q["inbox_stale_locks"], threshold)
+        return [(r["consumer"], int(r["stale"])) for r in records]
+
     async def cleanup_housekeeping(self) -> None:
         await self.pool.execute(self._q["cleanup_expired_pauses"])
         await self.pool.execute(self._q["cleanup_instances"])

@@ -178,6 +178,37 @@ WHERE id IN (
     ORDER BY id
     LIMIT $2);
 
+-- inbox_cleanup --
+-- The consumers' inbox (clients/inbox): processed rows older than the retention ($1 seconds), oldest
+-- first, at most $2 of them, in one short statement; rows still processing or failed are never deleted.
+-- No FOR UPDATE (it needs UPDATE, which the relay role lacks on the inbox): a processed row is only ever
+-- locked by a redelivery's claim, itself one short statement, and re-checked by the DELETE after it.
+DELETE FROM {schema}.inbox
+WHERE id IN (
+    SELECT id FROM {schema}.inbox
+    WHERE status = 'processed' AND processed_at < now() - make_interval(secs => $1)
+    ORDER BY processed_at
+    LIMIT $2)
+  AND status = 'processed';
+
+-- inbox_cleanup_counts --
+-- What `inbox-cleanup --dry-run` reports: processed rows past the retention ($1 seconds) and those kept.
+SELECT count(*) FILTER (WHERE status = 'processed' AND processed_at < now() - make_interval(secs => $1)),
+       count(*) FILTER (WHERE status = 'processed' AND processed_at >= now() - make_interval(secs => $1)),
+       count(*) FILTER (WHERE status = 'processing'),
+       count(*) FILTER (WHERE status = 'failed')
+FROM {schema}.inbox;
+
+-- inbox_stale_locks --
+-- Per consumer, inbox claims older than the consumers' stale threshold ($1 seconds): workers presumed
+-- dead, whose messages wait for a redelivery to take them over. The partial index on locked_at.
+SELECT consumer, count(*)::bigint AS stale
+FROM {schema}.inbox
+WHERE locked_at IS NOT NULL AND locked_at <= now() - make_interval(secs => $1)
+GROUP BY consumer
+ORDER BY consumer
+LIMIT 1000;
+
 -- cleanup_expired_pauses --
 DELETE FROM {schema}.pauses WHERE expires_at IS NOT NULL AND expires_at <= now() - interval '1 day';
 

@@ -118,7 +118,7 @@ def test_upgrade_to_head_then_downgrade_to_base_leaves_no_tables(
     try:
         assert migrate.upgrade(settings) == migrate.head_revision()
         tables = {rel for rel, kind in _relations(db, name).items() if kind == "r"}
-        assert {"outbox", "distributed_locks", "dead_letter_archive", "alembic_version"} <= tables
+        assert {"outbox", "distributed_locks", "dead_letter_archive", "inbox", "alembic_version"} <= tables
         # The insert trigger's function, and the SQL API of migration 0005 (docs/sql-api.md).
         assert sorted(set(_functions(db, name))) == sorted(["notify_outbox_inserted", *SQL_API_FUNCTIONS])
 

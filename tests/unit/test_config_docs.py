@@ -27,7 +27,9 @@ from relay.sinks.router import Route, Router, parse_routes
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 # Variables the docs may name that are not settings fields (CLI options read from the environment).
-NON_FIELD_VARIABLES = {"OUTBOX_LOG_LEVEL"}
+# OUTBOX_INBOX_MAX_ATTEMPTS is read by the consuming services' inbox (clients.inbox), not by a command;
+# tests/integration/test_inbox.py checks its documented default.
+NON_FIELD_VARIABLES = {"OUTBOX_LOG_LEVEL", "OUTBOX_INBOX_MAX_ATTEMPTS"}
 # The server-side settings, each with the command whose default the docs must give for it.
 SETTINGS_CLASSES: list[tuple[type[BaseSettings], str]] = [
     (DatabaseSettings, "migrate"),

@@ -1,0 +1,128 @@
+"""Inbox: the synchronous inbox (psycopg Connection, SQLAlchemy Connection); the same as AsyncInbox."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from clients.inbox import core, metrics
+from clients.inbox.model import (
+    InboxError,
+    InboxMessage,
+    InboxResult,
+    InboxSettings,
+    check_message,
+    error_text,
+)
+from clients.inbox.statements import SyncDriver, statements, sync_driver
+
+Handler = Callable[[Any, InboxMessage], object]
+
+
+class Inbox:
+    """Processes each message once per consumer: see clients.inbox.
+
+    Arguments left out come from the environment: OUTBOX_INBOX_LOCK_STALE_THRESHOLD (seconds,
+    default 300), OUTBOX_INBOX_MAX_ATTEMPTS (default 5), and the worker id from POD_NAME, else
+    hostname:pid."""
+
+    def __init__(
+        self,
+        consumer: str,
+        *,
+        schema: str = "outbox",
+        lock_stale_threshold: float | None = None,
+        max_attempts: int | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = InboxSettings.resolve(
+            consumer,
+            schema=schema,
+            lock_stale_threshold=lock_stale_threshold,
+            max_attempts=max_attempts,
+            worker_id=worker_id,
+        )
+
+    @property
+    def consumer(self) -> str:
+        return self.settings.consumer
+
+    @property
+    def worker_id(self) -> str:
+        return self.settings.worker_id
+
+    def process(self, conn: Any, message: InboxMessage, handler: Handler) -> InboxResult:
+        """Claims `message` (committed on its own), then runs ``handler(conn, message)`` in a
+        transaction that also marks it processed, fenced by the claim; see InboxOutcome for the results.
+        `conn` must not be inside a transaction. A handler exception is rolled back and recorded (FAILED
+        or GAVE_UP); a database error propagates (the claim, if taken, goes stale and is taken over)."""
+        message = check_message(message)
+        driver = self._driver(conn)
+        sql = statements(self.settings.schema, driver.style)
+        claim = self._claim(driver, conn, sql, message)
+        if not claim.claimed:
+            return core.skipped(self.settings, message, claim)
+        core.took_over(self.settings, message, claim)
+        fence = core.fence(self.settings, message, claim.attempts)
+        try:
+            with driver.transaction(conn):
+                handler(conn, message)
+                if not driver.fetch(conn, sql["mark_processed"], fence):
+                    raise core.FenceLost
+        except core.FenceLost:
+            state = self._state(driver, conn, sql, message)
+            return core.fence_lost(self.settings, message, claim, state)
+        except Exception as error:
+            text = error_text(error)
+            with driver.transaction(conn):
+                released = driver.fetch(conn, sql["release"], (*fence, text, self.settings.max_attempts))
+            return core.failed(self.settings, message, claim, error, text, released)
+        except BaseException as interruption:  # KeyboardInterrupt, SystemExit: give the claim back, uncounted
+            with contextlib.suppress(Exception), driver.transaction(conn):
+                reason = f"interrupted: {error_text(interruption)}"
+                driver.fetch(conn, sql["release"], (*fence, reason, core.NO_LIMIT))
+            raise
+        return core.processed(self.settings, claim)
+
+    def count_stale_locks(self, conn: Any) -> int:
+        """Claims of this consumer older than the stale threshold, also reported by the gauge
+        outbox_inbox_stale_locks; call it periodically (the consumer runner does)."""
+        driver = self._driver(conn)
+        sql = statements(self.settings.schema, driver.style)
+        with driver.transaction(conn):
+            [(count,)] = driver.fetch(
+                conn, sql["count_stale_locks"], (self.settings.consumer, self.settings.lock_stale_threshold)
+            )
+        metrics.set_stale_locks(self.settings.consumer, int(count))
+        return int(count)
+
+    def _driver(self, conn: Any) -> SyncDriver:
+        driver = sync_driver(conn)
+        if driver.in_transaction(conn):
+            raise InboxError(
+                "the connection is inside a transaction: the inbox commits the claim on its own, then runs "
+                "the handler in a transaction of its own; pass a connection with no transaction open"
+            )
+        return driver
+
+    def _claim(
+        self, driver: SyncDriver, conn: Any, sql: dict[str, str], message: InboxMessage
+    ) -> core.Claim:
+        params = core.claim_params(self.settings, message)
+        claim = core.Claim(False)
+        for _ in range(core.CLAIM_ROUNDS):
+            with driver.transaction(conn):
+                [row] = driver.fetch(conn, sql["claim"], params)
+            claim = core.read_claim(row)
+            if claim.claimed or claim.result is not None:
+                return claim
+            claim = self._state(driver, conn, sql, message)
+            if claim.result is not None:
+                return claim
+        return claim
+
+    def _state(self, driver: SyncDriver, conn: Any, sql: dict[str, str], message: InboxMessage) -> core.Claim:
+        with driver.transaction(conn):
+            rows = driver.fetch(conn, sql["state"], (self.settings.consumer, message.message_id))
+        return core.read_state(rows[0] if rows else None)
