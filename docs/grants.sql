@@ -9,7 +9,7 @@
 --        -v writer=outbox_writer -v relay=outbox_relay -v operator=outbox_operator \
 --        -f docs/grants.sql "$OWNER_DATABASE_URL"
 --
--- It is written for the schema at the head revision of this release (0006). No sequence privilege is
+-- It is written for the schema at the head revision of this release (0007). No sequence privilege is
 -- needed: every id is an identity column. Tables a later migration adds get the relay's and the
 -- operator's table privileges at once (ALTER DEFAULT PRIVILEGES below); re-running this file then
 -- applies the narrower per-table rules.

@@ -245,6 +245,9 @@ class RelayStore:
     async def inbox_stale_locks(self, threshold: float) -> list[tuple[str, int]]:
         records = await self.pool.fetch(self._q["inbox_stale_locks"], threshold)
         return [(r["consumer"], int(r["stale"])) for r in records]
+    async def cleanup_expired(self, table: str, retention: int, batch: int) -> int:
+        """One retention batch (`retention_<table>` in queries.sql): rows deleted, at most `batch`."""
+        return _affected(await self.pool.execute(self._q[f"retention_{table}"], float(retention), batch))
 
     async def cleanup_housekeeping(self) -> None:
         await self.pool.execute(self._q["cleanup_expired_pauses"])
