@@ -99,7 +99,7 @@ class AsyncInbox:
             [(count,)] = await driver.fetch(
                 conn, sql["count_stale_locks"], (self.settings.consumer, self.settings.lock_stale_threshold)
             )
-        metrics.set_stale_locks(self.settings.consumer, int(count))
+        metrics.set_stale_locks(self.settings.consumer, self.settings.schema, int(count))
         return int(count)
 
     def _driver(self, conn: Any) -> AsyncDriver:

@@ -91,10 +91,10 @@ def skipped(settings: InboxSettings, message: InboxMessage, claim: Claim) -> Inb
     result = claim.result if claim.result is not None else unresolved(claim.attempts)
     consumer = settings.consumer
     if result.outcome is InboxOutcome.DUPLICATE:
-        metrics.count("duplicates", consumer)
+        metrics.count("duplicates", consumer, settings.schema)
         log.debug("%s: message %s already processed; skipped", consumer, _where(message))
     elif result.outcome is InboxOutcome.LOCKED:
-        metrics.count("lock_conflicts", consumer)
+        metrics.count("lock_conflicts", consumer, settings.schema)
         age = f", for {claim.previous_age:.1f} s" if claim.previous_age is not None else ""
         log.info(
             "%s: message %s is locked by another worker (%s)%s; not processed now (a lock older than "
@@ -103,7 +103,7 @@ def skipped(settings: InboxSettings, message: InboxMessage, claim: Claim) -> Inb
         )
     elif result.outcome is InboxOutcome.GAVE_UP:
         if result.previous_holder is not None:
-            metrics.count("gave_up", consumer)
+            metrics.count("gave_up", consumer, settings.schema)
             log.error(
                 "%s: message %s given up after %d attempts: worker %s stopped during the last one",
                 consumer, _where(message), result.attempts, result.previous_holder,
@@ -119,7 +119,7 @@ def skipped(settings: InboxSettings, message: InboxMessage, claim: Claim) -> Inb
 def took_over(settings: InboxSettings, message: InboxMessage, claim: Claim) -> None:
     if claim.previous_holder is None:
         return
-    metrics.count("stale_takeovers", settings.consumer)
+    metrics.count("stale_takeovers", settings.consumer, settings.schema)
     log.warning(
         "%s: took over message %s from worker %s, whose lock was stale (%.1f s old, threshold %.0f s); "
         "attempt %d",
@@ -129,12 +129,12 @@ def took_over(settings: InboxSettings, message: InboxMessage, claim: Claim) -> N
 
 
 def processed(settings: InboxSettings, claim: Claim) -> InboxResult:
-    metrics.count("processed", settings.consumer)
+    metrics.count("processed", settings.consumer, settings.schema)
     return InboxResult(InboxOutcome.PROCESSED, claim.attempts, previous_holder=claim.previous_holder)
 
 
 def fence_lost(settings: InboxSettings, message: InboxMessage, claim: Claim, state: Claim) -> InboxResult:
-    metrics.count("fence_lost", settings.consumer)
+    metrics.count("fence_lost", settings.consumer, settings.schema)
     result = state.result if state.result is not None else unresolved(claim.attempts)
     log.warning(
         "%s: message %s: the claim of attempt %d was taken over by another worker (this worker's lock "
@@ -143,9 +143,9 @@ def fence_lost(settings: InboxSettings, message: InboxMessage, claim: Claim, sta
         settings.consumer, _where(message), claim.attempts, settings.lock_stale_threshold, result.outcome.value,
     )
     if result.outcome is InboxOutcome.LOCKED:
-        metrics.count("lock_conflicts", settings.consumer)
+        metrics.count("lock_conflicts", settings.consumer, settings.schema)
     elif result.outcome is InboxOutcome.DUPLICATE:
-        metrics.count("duplicates", settings.consumer)
+        metrics.count("duplicates", settings.consumer, settings.schema)
     return result
 
 
@@ -157,10 +157,10 @@ def failed(
     text: str,
     released: list[tuple[Any, ...]],
 ) -> InboxResult:
-    metrics.count("failures", settings.consumer)
+    metrics.count("failures", settings.consumer, settings.schema)
     gave_up = bool(released) and released[0][0] == "failed"
     if gave_up:
-        metrics.count("gave_up", settings.consumer)
+        metrics.count("gave_up", settings.consumer, settings.schema)
         log.error(
             "%s: message %s: handler failed on attempt %d of %d; given up (status failed): %s",
             settings.consumer, _where(message), claim.attempts, settings.max_attempts, text,

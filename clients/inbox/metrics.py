@@ -23,12 +23,13 @@ STALE_LOCKS_GAUGE = "outbox_inbox_stale_locks"
 
 _lock = threading.Lock()
 _counters: dict[str, Any] = {}
-_stale: dict[str, int] = {}
+_stale: dict[tuple[str, str], int] = {}  # (consumer, schema) -> stale locks
 _gauge_registered = False
 
 
-def count(kind: str, consumer: str) -> None:
-    """Adds one to the counter `kind` for `consumer`; metrics never break processing."""
+def count(kind: str, consumer: str, schema: str) -> None:
+    """Adds one to the counter `kind` for `consumer` of the inbox in `schema` (the fleet label the
+    dashboard filters on); metrics never break processing."""
     try:
         with _lock:
             counter = _counters.get(kind)
@@ -40,16 +41,17 @@ def count(kind: str, consumer: str) -> None:
                     name, unit="{message}", description=description
                 )
                 _counters[kind] = counter
-        counter.add(1, {"consumer": consumer})
+        counter.add(1, {"consumer": consumer, "schema": schema})
     except Exception:  # pragma: no cover - no OpenTelemetry, or a broken SDK
         pass
 
 
-def set_stale_locks(consumer: str, value: int) -> None:
-    """The latest count of stale locks of `consumer`, reported by the gauge at collection time."""
+def set_stale_locks(consumer: str, schema: str, value: int) -> None:
+    """The latest count of stale locks of `consumer` (inbox in `schema`), reported by the gauge at
+    collection time."""
     global _gauge_registered
     with _lock:
-        _stale[consumer] = value
+        _stale[(consumer, schema)] = value
         if _gauge_registered:
             return
         _gauge_registered = True
@@ -59,7 +61,10 @@ def set_stale_locks(consumer: str, value: int) -> None:
 
         def observe(_options: CallbackOptions) -> list[Observation]:
             with _lock:
-                return [Observation(count, {"consumer": name}) for name, count in _stale.items()]
+                return [
+                    Observation(count, {"consumer": name, "schema": schema})
+                    for (name, schema), count in _stale.items()
+                ]
 
         metrics.get_meter(METER_NAME).create_observable_gauge(
             STALE_LOCKS_GAUGE,

@@ -94,7 +94,7 @@ class Inbox:
             [(count,)] = driver.fetch(
                 conn, sql["count_stale_locks"], (self.settings.consumer, self.settings.lock_stale_threshold)
             )
-        metrics.set_stale_locks(self.settings.consumer, int(count))
+        metrics.set_stale_locks(self.settings.consumer, self.settings.schema, int(count))
         return int(count)
 
     def _driver(self, conn: Any) -> SyncDriver:
