@@ -3,7 +3,6 @@ AsyncConnection)."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +44,7 @@ class AsyncInbox:
             max_attempts=max_attempts,
             worker_id=worker_id,
         )
+        self._left_behind = core.LeftBehind()
 
     @property
     def consumer(self) -> str:
@@ -58,10 +58,13 @@ class AsyncInbox:
         """Claims `message` (committed on its own), then runs ``await handler(conn, message)`` in a
         transaction that also marks it processed, fenced by the claim; see InboxOutcome for the results.
         `conn` must not be inside a transaction. A handler exception is rolled back and recorded (FAILED
-        or GAVE_UP); a database error propagates (the claim, if taken, goes stale and is taken over)."""
+        or GAVE_UP); a database error propagates. A claim this instance could not give back (its
+        connection broke) is released by this instance on the message's next delivery, counted as an
+        attempt; had the process died instead, another worker takes it over once it is stale."""
         message = check_message(message)
         driver = self._driver(conn)
         sql = statements(self.settings.schema, driver.style)
+        await self._release_left_behind(driver, conn, sql, message)
         claim = await self._claim(driver, conn, sql, message)
         if not claim.claimed:
             return core.skipped(self.settings, message, claim)
@@ -79,16 +82,40 @@ class AsyncInbox:
             return core.fence_lost(self.settings, message, claim, state)
         except Exception as error:
             text = error_text(error)
-            async with driver.transaction(conn):
-                released = await driver.fetch(conn, sql["release"], (*fence, text, self.settings.max_attempts))
+            try:
+                async with driver.transaction(conn):
+                    released = await driver.fetch(
+                        conn, sql["release"], (*fence, text, self.settings.max_attempts)
+                    )
+            except BaseException:
+                self._left_behind.remember(message.message_id, claim.attempts)
+                raise
             return core.failed(self.settings, message, claim, error, text, released)
         except BaseException as interruption:  # cancelled (shutdown): give the claim back, uncounted
-            with contextlib.suppress(Exception):
+            try:
                 async with driver.transaction(conn):
                     reason = f"interrupted: {error_text(interruption)}"
                     await driver.fetch(conn, sql["release"], (*fence, reason, core.NO_LIMIT))
+            except BaseException:
+                self._left_behind.remember(message.message_id, claim.attempts)
             raise
         return core.processed(self.settings, claim)
+
+    async def _release_left_behind(
+        self, driver: AsyncDriver, conn: Any, sql: dict[str, str], message: InboxMessage
+    ) -> None:
+        attempts = self._left_behind.take(message.message_id)
+        if attempts is None:
+            return
+        fence = core.fence(self.settings, message, attempts)
+        try:
+            async with driver.transaction(conn):
+                await driver.fetch(
+                    conn, sql["release"], (*fence, core.LEFT_BEHIND_REASON, self.settings.max_attempts)
+                )
+        except BaseException:
+            self._left_behind.remember(message.message_id, attempts)
+            raise
 
     async def count_stale_locks(self, conn: Any) -> int:
         """Claims of this consumer older than the stale threshold, also reported by the gauge

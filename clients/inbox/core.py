@@ -14,6 +14,29 @@ log = logging.getLogger("clients.inbox")
 
 CLAIM_ROUNDS = 3  # claim, read what holds it; a row released or deleted meanwhile: claim again
 NO_LIMIT = 2_147_483_647  # max attempts for a release after an interruption: never 'failed'
+# Claims an inbox instance could not release (its connection broke in the handler) that it gives back
+# itself on the message's next delivery, rather than waiting out the stale threshold. Bounded: beyond
+# it, the oldest are forgotten and simply go stale.
+LEFT_BEHIND_LIMIT = 10_000
+LEFT_BEHIND_REASON = "the connection was lost during the handler; released by the same worker"
+
+
+class LeftBehind:
+    """Message id -> attempt of the claims this inbox instance took and could not give back. Only the
+    instance that took a claim may release it early: it knows that no handler of its own still runs
+    on it (the fenced release also checks that the claim is still this worker's, at that attempt)."""
+
+    def __init__(self) -> None:
+        self._claims: dict[str, int] = {}
+
+    def remember(self, message_id: str, attempts: int) -> None:
+        self._claims.pop(message_id, None)
+        self._claims[message_id] = attempts
+        while len(self._claims) > LEFT_BEHIND_LIMIT:
+            del self._claims[next(iter(self._claims))]
+
+    def take(self, message_id: str) -> int | None:
+        return self._claims.pop(message_id, None)
 
 
 class FenceLost(Exception):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +42,7 @@ class Inbox:
             max_attempts=max_attempts,
             worker_id=worker_id,
         )
+        self._left_behind = core.LeftBehind()
 
     @property
     def consumer(self) -> str:
@@ -56,10 +56,13 @@ class Inbox:
         """Claims `message` (committed on its own), then runs ``handler(conn, message)`` in a
         transaction that also marks it processed, fenced by the claim; see InboxOutcome for the results.
         `conn` must not be inside a transaction. A handler exception is rolled back and recorded (FAILED
-        or GAVE_UP); a database error propagates (the claim, if taken, goes stale and is taken over)."""
+        or GAVE_UP); a database error propagates. A claim this instance could not give back (its
+        connection broke) is released by this instance on the message's next delivery, counted as an
+        attempt; had the process died instead, another worker takes it over once it is stale."""
         message = check_message(message)
         driver = self._driver(conn)
         sql = statements(self.settings.schema, driver.style)
+        self._release_left_behind(driver, conn, sql, message)
         claim = self._claim(driver, conn, sql, message)
         if not claim.claimed:
             return core.skipped(self.settings, message, claim)
@@ -75,15 +78,34 @@ class Inbox:
             return core.fence_lost(self.settings, message, claim, state)
         except Exception as error:
             text = error_text(error)
-            with driver.transaction(conn):
-                released = driver.fetch(conn, sql["release"], (*fence, text, self.settings.max_attempts))
+            try:
+                with driver.transaction(conn):
+                    released = driver.fetch(conn, sql["release"], (*fence, text, self.settings.max_attempts))
+            except BaseException:
+                self._left_behind.remember(message.message_id, claim.attempts)
+                raise
             return core.failed(self.settings, message, claim, error, text, released)
         except BaseException as interruption:  # KeyboardInterrupt, SystemExit: give the claim back, uncounted
-            with contextlib.suppress(Exception), driver.transaction(conn):
-                reason = f"interrupted: {error_text(interruption)}"
-                driver.fetch(conn, sql["release"], (*fence, reason, core.NO_LIMIT))
+            try:
+                with driver.transaction(conn):
+                    reason = f"interrupted: {error_text(interruption)}"
+                    driver.fetch(conn, sql["release"], (*fence, reason, core.NO_LIMIT))
+            except BaseException:
+                self._left_behind.remember(message.message_id, claim.attempts)
             raise
         return core.processed(self.settings, claim)
+
+    def _release_left_behind(self, driver: SyncDriver, conn: Any, sql: dict[str, str], message: InboxMessage) -> None:
+        attempts = self._left_behind.take(message.message_id)
+        if attempts is None:
+            return
+        fence = core.fence(self.settings, message, attempts)
+        try:
+            with driver.transaction(conn):
+                driver.fetch(conn, sql["release"], (*fence, core.LEFT_BEHIND_REASON, self.settings.max_attempts))
+        except BaseException:
+            self._left_behind.remember(message.message_id, attempts)
+            raise
 
     def count_stale_locks(self, conn: Any) -> int:
         """Claims of this consumer older than the stale threshold, also reported by the gauge

@@ -394,3 +394,69 @@ async def test_count_stale_locks(database_url: str, schema: str, pg: asyncpg.Con
     assert await AsyncInbox("shipping", schema=schema, lock_stale_threshold=60).count_stale_locks(pg) == 0
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert Inbox("billing", schema=schema, lock_stale_threshold=60).count_stale_locks(conn) == 2
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_claim_left_behind_by_a_broken_connection_is_given_back_by_its_own_inbox(
+    driver: str, database_url: str, schema: str, effects: str, pg: asyncpg.Connection
+) -> None:
+    """The handler's connection breaks (the server ends the session): the claim cannot be released then,
+    but the same inbox gives it back on the next delivery instead of waiting out the 300 s threshold.
+    Another inbox with the same worker id (another process of the same pod) still sees it LOCKED."""
+    inbox = make_inbox(driver, "billing", schema, worker_id="worker-a", lock_stale_threshold=300)
+    m = message()
+    insert = f"INSERT INTO {effects} (message_id) VALUES ($1)"
+
+    async def kill(pid: int) -> None:
+        assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+    if driver == "asyncpg":
+        broken = await asyncpg.connect(database_url)
+
+        async def dies(conn: asyncpg.Connection, msg: InboxMessage) -> None:
+            await conn.execute(insert, msg.message_id)
+            await kill(conn.get_server_pid())
+            await conn.execute("SELECT 1")
+
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError, OSError)):
+            await inbox.process(broken, m, dies)  # type: ignore[union-attr]
+        await broken.close()
+    else:
+        loop = asyncio.get_running_loop()
+        broken_sync = await asyncio.to_thread(psycopg.connect, database_url, autocommit=True)
+
+        def dies_sync(conn: psycopg.Connection[Any], msg: InboxMessage) -> None:
+            conn.execute(insert.replace("$1", "%s"), (msg.message_id,))
+            asyncio.run_coroutine_threadsafe(kill(conn.info.backend_pid), loop).result(30)
+            conn.execute("SELECT 1")
+
+        with pytest.raises(psycopg.Error):
+            await asyncio.to_thread(inbox.process, broken_sync, m, dies_sync)  # type: ignore[arg-type]
+        await asyncio.to_thread(broken_sync.close)
+
+    row = await inbox_row(pg, schema, "billing", m.message_id)
+    assert (row["status"], row["locked_by"], row["attempts"]) == ("processing", "worker-a", 1)
+
+    async def ok(conn: asyncpg.Connection, msg: InboxMessage) -> None:
+        await conn.execute(insert, msg.message_id)
+
+    other = AsyncInbox("billing", schema=schema, worker_id="worker-a", lock_stale_threshold=300)
+    fresh = await asyncpg.connect(database_url)
+    try:
+        assert (await other.process(fresh, m, ok)).outcome is InboxOutcome.LOCKED
+        if driver == "asyncpg":
+            again = await inbox.process(fresh, m, ok)  # type: ignore[union-attr]
+        else:
+            fresh_sync = await asyncio.to_thread(psycopg.connect, database_url, autocommit=True)
+
+            def ok_sync(conn: psycopg.Connection[Any], msg: InboxMessage) -> None:
+                conn.execute(insert.replace("$1", "%s"), (msg.message_id,))
+
+            try:
+                again = await asyncio.to_thread(inbox.process, fresh_sync, m, ok_sync)  # type: ignore[arg-type]
+            finally:
+                await asyncio.to_thread(fresh_sync.close)
+    finally:
+        await fresh.close()
+    assert (again.outcome, again.attempts) == (InboxOutcome.PROCESSED, 2)
+    assert await effect_count(pg, effects, m.message_id) == 1
