@@ -39,6 +39,7 @@ RELAY_TABLES = {
     "pauses",
     "audit_log",
     "rate_buckets",
+    "inbox",
 }
 STACK_PROCESS_PREFIXES = ("postgres", "tansu", "redis-server")
 
