@@ -266,6 +266,17 @@ async def test_sigterm_lets_the_handler_in_progress_finish_and_acknowledge(
     assert await pending(client, stream, group) == 0, log
 
 
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the series `name` with exactly `labels` in a /metrics page (None: absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return None
+
+
 async def test_the_consume_command_serves_processed_and_duplicate_counts_on_metrics(
     stack: StackEndpoints, schema: str, pg: asyncpg.Connection, effects: str, client: aioredis.Redis,
     tmp_path: Path,
@@ -293,11 +304,11 @@ async def test_the_consume_command_serves_processed_and_duplicate_counts_on_metr
             text = await asyncio.to_thread(get, "/metrics")
         except OSError:
             return False
-        return (f'outbox_inbox_processed_total{{consumer="{group}"}} 1.0' in text
-                and f'outbox_inbox_duplicates_total{{consumer="{group}"}} 2.0' in text)
+        return (sample(text, "outbox_inbox_processed_total", consumer=group, schema=schema) == 1.0
+                and sample(text, "outbox_inbox_duplicates_total", consumer=group, schema=schema) == 2.0)
 
     try:
-        await wait_until(counted, 60, what="processed 1 and duplicates 2 on /metrics")
+        await wait_until(counted, 60, what="processed 1 and duplicates 2 (consumer, schema) on /metrics")
         metrics = await asyncio.to_thread(get, "/metrics")
         assert f'outbox_consumer_messages_total{{group="{group}",outcome="duplicate",system="redis"}} 2.0' in metrics
         assert await asyncio.to_thread(get, "/healthz") == "ok\n"
