@@ -37,6 +37,9 @@ log = logging.getLogger("clients.consumers.redis")
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
+READ_TIMEOUT = 10.0  # seconds; see RedisInboxConsumer.run
+
+
 def dlq_stream(stream: str) -> str:
     return f"{stream}:dlq"
 
@@ -133,8 +136,14 @@ class RedisInboxConsumer:
             return
         if self._client is None:
             assert self.settings.redis_url is not None
+            # A read timeout far above XREADGROUP's 0.5 s block: a connection that silently stopped
+            # answering (a half-open TCP connection, a proxy that accepted and went away) fails and
+            # is replaced, instead of holding its stream's worker for ever.
             self._client = aioredis.from_url(
-                self.settings.redis_url.get_secret_value(), socket_connect_timeout=5, health_check_interval=10
+                self.settings.redis_url.get_secret_value(),
+                socket_connect_timeout=5,
+                socket_timeout=READ_TIMEOUT,
+                health_check_interval=10,
             )
         ownership = StreamOwnership(
             self._client, self.group, self.name, self.streams, self.settings.redis_lease_ttl
