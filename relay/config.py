@@ -108,7 +108,9 @@ class RelaySettings(DatabaseSettings):
 
     kafka_acks: Literal["all", "0", "1", "-1"] = Field("all", description="Producer acks; keep all.")
     kafka_compression: str | None = Field(None, description="gzip, snappy, lz4, zstd or unset.")
-    kafka_linger_ms: int = Field(5, ge=0, description="Milliseconds a record batch stays open for more rows.")
+    kafka_linger_ms: int = Field(
+        0, ge=0, description="Milliseconds a batch may wait for more rows while others are in flight."
+    )
     kafka_max_request_size: int = Field(1_048_576, ge=1024)
     kafka_idempotence: bool = Field(False, description="Idempotent producer (the embedded broker lacks it).")
     kafka_security_protocol: str = Field("PLAINTEXT")
