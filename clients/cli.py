@@ -2,12 +2,16 @@
 
 Connection settings come from the global options or from the environment: OUTBOX_CONTROL_ADDR, OUTBOX_CONTROL_TOKEN (or OUTBOX_CONTROL_TOKEN_FILE), OUTBOX_CONTROL_TLS_CA, OUTBOX_CONTROL_CLIENT_CERT and OUTBOX_CONTROL_CLIENT_KEY, OUTBOX_CONTROL_TLS_SERVER_NAME, OUTBOX_CONTROL_TIMEOUT.
 
+Output: tables, or -o json|yaml|wide (--json is -o json), given before or after the command. Shell completion: outboxctl --install-completion.
+
 Exit codes: 0 ok, 1 other error, 2 bad argument, 3 cannot connect or deadline exceeded, 4 unauthenticated, 5 permission denied, 6 not found, 7 failed precondition.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import json
 import os
 import re
@@ -16,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 from uuid import UUID, uuid4
@@ -48,6 +53,7 @@ from clients.control import (
 )
 from relay.shared.config_errors import remember_environment_secrets
 from relay.shared.redaction import redact
+from relay.shared.version import __version__
 
 T = TypeVar("T")
 
@@ -71,15 +77,33 @@ _EXIT_CODES: tuple[tuple[type[ControlError], int], ...] = (
 _PROG = "outboxctl"
 _PAGE = 100  # the server's default page size; never above any server's maximum by default
 _PREVIEW = 2000  # characters of payload shown in a table
+_CELL = 80  # characters of a table cell, except with -o wide
+_WIDE = 100_000  # the console width of -o wide: nothing is folded or cut
+_NO_TOKEN_HINT = "no token was given: set OUTBOX_CONTROL_TOKEN (or OUTBOX_CONTROL_TOKEN_FILE, --token-file)"
 
-app = typer.Typer(
-    help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
-)
+# add_completion: --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 dead_letters_app = typer.Typer(help="Inspect, replay and purge archived dead letters.", no_args_is_help=True)
 app.add_typer(dead_letters_app, name="dead-letters")
 
 
 # --- global options and the session -------------------------------------------------------------
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+    WIDE = "wide"
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables (-o json).")]
+OutputOption = Annotated[
+    OutputFormat | None,
+    typer.Option(
+        "--output", "-o", case_sensitive=False, help="table (default), json, yaml, or wide (tables, nothing cut)."
+    ),
+]
 
 
 @dataclass
@@ -93,11 +117,26 @@ class Options:
     tls_server_name: str | None = None
     timeout: float | None = None
     operator: str | None = None
-    json: bool = False
+    output: OutputFormat = OutputFormat.TABLE
     config: ControlConfig | None = None
 
     def __repr__(self) -> str:  # the token stays out of any debug output
-        return f"Options(addr={self.addr!r}, json={self.json})"
+        return f"Options(addr={self.addr!r}, output={self.output.value})"
+
+    def set_output(self, json_output: bool, output: OutputFormat | None) -> None:
+        """--json / -o, given before the command or after it (the later wins)."""
+        if json_output and output not in (None, OutputFormat.JSON):
+            _fail(f"--json and -o {output.value} contradict each other; give one", EXIT_USAGE)
+        if json_output:
+            self.output = OutputFormat.JSON
+        elif output is not None:
+            self.output = output
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"{_PROG} {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -137,11 +176,15 @@ def _global_options(
     operator: Annotated[
         str | None, typer.Option("--operator", help="Who is acting, for the audit log (env OUTBOX_CONTROL_OPERATOR, default: your user).")
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+    json_output: JsonOption = False,
+    output: OutputOption = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
-    options = Options(
-        addr, token, token_file, tls_ca, tls_cert, tls_key, tls_server_name, timeout, operator, json_output
-    )
+    options = Options(addr, token, token_file, tls_ca, tls_cert, tls_key, tls_server_name, timeout, operator)
+    options.set_output(json_output, output)
     ctx.obj = options
     _ACTIVE[:] = [options]
 
@@ -153,6 +196,31 @@ _ACTIVE: list[Options] = []
 def _options(ctx: typer.Context) -> Options:
     options = ctx.find_object(Options)
     return options if options is not None else Options()
+
+
+def _output_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Adds --json and -o/--output to a command, so that they work after it too (`outboxctl status
+    --json`), as well as before it (global options)."""
+    signature = inspect.signature(command, eval_str=True)
+    added = [
+        inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOption),
+        inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=OutputOption),
+    ]
+
+    @functools.wraps(command)
+    def with_output(*args: Any, json_output: bool = False, output: OutputFormat | None = None, **kwargs: Any) -> None:
+        ctx = kwargs.get("ctx") or next(arg for arg in args if isinstance(arg, typer.Context))
+        _options(ctx).set_output(json_output, output)
+        command(*args, **kwargs)
+
+    with_output.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *added]
+    )
+    with_output.__annotations__ = {
+        **{name: param.annotation for name, param in signature.parameters.items()},
+        **{param.name: param.annotation for param in added},
+    }
+    return with_output
 
 
 @contextmanager
@@ -174,7 +242,10 @@ def _session(ctx: typer.Context) -> Iterator[ControlClient]:
         with ControlClient(config=options.config) as client:
             yield client
     except ControlError as error:
-        _fail(str(error), exit_code(error), options)
+        message = str(error)
+        if isinstance(error, Unauthenticated) and options.config is not None and options.config.token is None:
+            message = f"{message} ({_NO_TOKEN_HINT})"
+        _fail(message, exit_code(error), options)
 
 
 def exit_code(error: ControlError) -> int:
@@ -260,8 +331,15 @@ def _is_number(text: str) -> bool:
 # --- output --------------------------------------------------------------------------------------
 
 
+def _wide() -> bool:
+    return bool(_ACTIVE) and _ACTIVE[0].output is OutputFormat.WIDE
+
+
 def _console() -> Console:
-    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 200)
+    if _wide():
+        width: int | None = _WIDE
+    else:
+        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 200)
     return Console(width=width, highlight=False, soft_wrap=False)
 
 
@@ -312,9 +390,18 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(to_json(value), indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def _print_yaml(value: Any) -> None:
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(to_json(value), sort_keys=False, allow_unicode=True, default_flow_style=False))
+
+
 def _emit(ctx: typer.Context, value: Any, human: Callable[[Console], None]) -> None:
-    if _options(ctx).json:
+    output = _options(ctx).output
+    if output is OutputFormat.JSON:
         _print_json(value)
+    elif output is OutputFormat.YAML:
+        _print_yaml(value)
     else:
         human(_console())
 
@@ -340,8 +427,10 @@ def _age(value: timedelta | None) -> str:
     return f"{sign}{secs}s"
 
 
-def _cell(value: Any, limit: int = 80) -> Text:
+def _cell(value: Any, limit: int | None = _CELL) -> Text:
     text = "-" if value is None or value == "" else " ".join(str(value).split()) or "-"
+    if limit is None or _wide():
+        return Text(text)
     return Text(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
@@ -386,6 +475,7 @@ YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for con
 
 
 @app.command()
+@_output_options
 def status(ctx: typer.Context) -> None:
     """Relay instances, backlog per topic, dead letters, pauses and schema version."""
     with _session(ctx) as client:
@@ -415,6 +505,7 @@ def _show_status(console: Console, s: Status) -> None:
 
 
 @app.command()
+@_output_options
 def locks(ctx: typer.Context) -> None:
     """Every lease ('partition:N', 'leader') and who holds it."""
     with _session(ctx) as client:
@@ -435,6 +526,7 @@ def _locks_table(items: Sequence[Lock]) -> Table:
 
 
 @app.command("release-lock")
+@_output_options
 def release_lock(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The lease, e.g. partition:3 or leader.")],
@@ -455,6 +547,7 @@ def release_lock(
 
 
 @app.command()
+@_output_options
 def pause(
     ctx: typer.Context,
     reason: Annotated[str, typer.Option("--reason", help="Why, for the other operators.")],
@@ -481,6 +574,7 @@ def pause(
 
 
 @app.command()
+@_output_options
 def resume(
     ctx: typer.Context,
     pattern: Annotated[str, typer.Argument(help="The paused pattern, exactly as paused; default '*'.")] = "*",
@@ -493,6 +587,7 @@ def resume(
 
 
 @app.command()
+@_output_options
 def pauses(
     ctx: typer.Context,
     include_expired: Annotated[bool, typer.Option("--include-expired", help="Also expired, not yet cleaned up.")] = False,
@@ -511,6 +606,7 @@ def _pauses_table(items: Sequence[Pause]) -> Table:
 
 
 @app.command()
+@_output_options
 def stuck(
     ctx: typer.Context,
     topic: Annotated[str | None, typer.Option("--topic", help="Only this topic.")] = None,
@@ -531,6 +627,7 @@ def _stuck_table(items: Sequence[StuckEvent]) -> Table:
 
 
 @app.command()
+@_output_options
 def park(
     ctx: typer.Context,
     event: Annotated[str, typer.Argument(metavar="ID", help="Outbox id or message UUID of an unpublished event.")],
@@ -550,6 +647,7 @@ def park(
 
 
 @app.command()
+@_output_options
 def audit(
     ctx: typer.Context,
     action: Annotated[str | None, typer.Option("--action", help="Only this action (RPC name), e.g. Pause.")] = None,
@@ -628,6 +726,7 @@ def _confirmed(
 
 
 @dead_letters_app.command("list")
+@_output_options
 def dead_letters_list(
     ctx: typer.Context,
     topic: TopicFilter = None,
@@ -661,6 +760,7 @@ def _dead_letters_table(items: Sequence[DeadLetterSummary]) -> Table:
 
 
 @dead_letters_app.command("show")
+@_output_options
 def dead_letters_show(
     ctx: typer.Context, dead_letter_id: Annotated[int, typer.Argument(metavar="ID", help="Dead letter id.")]
 ) -> None:
@@ -700,6 +800,7 @@ def _show_dead_letter(console: Console, d: DeadLetter) -> None:
 
 
 @dead_letters_app.command("replay")
+@_output_options
 def dead_letters_replay(
     ctx: typer.Context,
     ids: IdsArgument = None,
@@ -761,6 +862,7 @@ def _show_replay(console: Console, r: ReplayResult) -> None:
 
 
 @dead_letters_app.command("purge")
+@_output_options
 def dead_letters_purge(
     ctx: typer.Context,
     ids: IdsArgument = None,

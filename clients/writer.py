@@ -31,13 +31,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-try:
-    from opentelemetry import propagate as _otel_propagate
-    from opentelemetry import trace as _otel_trace
-except ImportError:  # pragma: no cover - tracing is optional for applications
-    _otel_propagate = None  # type: ignore[assignment]
-    _otel_trace = None  # type: ignore[assignment]
-
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "MAX_HEADERS_BYTES",
@@ -515,12 +508,17 @@ def _has_header(headers: Mapping[str, str], name: str) -> bool:
 
 
 def _add_trace_context(headers: dict[str, str]) -> None:
-    if _otel_trace is None or _has_header(headers, "traceparent"):
+    # OpenTelemetry is consulted only when the application imported it: without it there is no current
+    # span to continue, and importing the writer stays standard-library only.
+    otel_trace = sys.modules.get("opentelemetry.trace")
+    if otel_trace is None or _has_header(headers, "traceparent"):
         return
-    if not _otel_trace.get_current_span().get_span_context().is_valid:
+    if not otel_trace.get_current_span().get_span_context().is_valid:
         return
+    from opentelemetry import propagate
+
     carrier: dict[str, str] = {}
-    _otel_propagate.inject(carrier)
+    propagate.inject(carrier)
     for name, value in carrier.items():
         headers.setdefault(name, value)
 

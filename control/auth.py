@@ -39,6 +39,8 @@ class Principal:
     can_mutate: bool
     # What the server verified about the caller, for the audit log (see client_identity); set per call.
     identity: str = ""
+    # Which of the role's tokens the caller presented, when the role has several: 'admin#2'.
+    token_label: str = ""
 
 
 ADMIN = Principal("admin", can_mutate=True)
@@ -58,15 +60,30 @@ def current_principal() -> Principal:
 
 @dataclass(frozen=True, repr=False)
 class Tokens:
-    read: bytes | None = None
-    admin: bytes | None = None
+    """The accepted bearer tokens of each role. Several per role allow rotation without downtime:
+    every one is accepted; the audit log tells them apart by position (`token:admin#2`), never by value."""
+
+    reads: tuple[bytes, ...] = ()
+    admins: tuple[bytes, ...] = ()
+
+    @property
+    def read(self) -> bytes | None:
+        return self.reads[0] if self.reads else None
+
+    @property
+    def admin(self) -> bytes | None:
+        return self.admins[0] if self.admins else None
 
     @property
     def enabled(self) -> bool:
-        return self.read is not None or self.admin is not None
+        return bool(self.reads or self.admins)
 
     def __repr__(self) -> str:
-        return f"Tokens(read={'set' if self.read else 'unset'}, admin={'set' if self.admin else 'unset'})"
+        return f"Tokens(read={_count(self.reads)}, admin={_count(self.admins)})"
+
+
+def _count(tokens: tuple[bytes, ...]) -> str:
+    return "unset" if not tokens else "set" if len(tokens) == 1 else f"{len(tokens)} set"
 
 
 def load_tokens(
@@ -74,33 +91,53 @@ def load_tokens(
     read_file: Path | None = None,
     admin: SecretStr | None = None,
     admin_file: Path | None = None,
+    *,
+    reads: SecretStr | None = None,
+    admins: SecretStr | None = None,
 ) -> Tokens:
+    """The tokens of OUTBOX_CONTROL_{READ,ADMIN}_TOKEN (or its _FILE: one token per line, blank lines
+    and '#' comments skipped) followed by those of OUTBOX_CONTROL_{READ,ADMIN}_TOKENS (comma-separated)."""
     tokens = Tokens(
-        read=_token("read_token", read, read_file),
-        admin=_token("admin_token", admin, admin_file),
+        reads=_tokens("read_token", read, read_file, reads),
+        admins=_tokens("admin_token", admin, admin_file, admins),
     )
-    if tokens.read is not None and tokens.read == tokens.admin:
+    if set(tokens.reads) & set(tokens.admins):
         raise ValueError("OUTBOX_CONTROL_READ_TOKEN: must differ from the admin token")
     return tokens
 
 
-def _token(name: str, value: SecretStr | None, path: Path | None) -> bytes | None:
+def _tokens(name: str, value: SecretStr | None, path: Path | None, more: SecretStr | None) -> tuple[bytes, ...]:
+    variable = f"OUTBOX_CONTROL_{name.upper()}"
+    found = list(_token(name, value, path))
+    extra = more.get_secret_value() if more is not None else ""
+    found += [item.strip().encode() for item in extra.replace("\n", ",").split(",") if item.strip()]
+    for token in found:
+        if not token.isascii() or any(c in b" \t\r\n" for c in token):
+            raise ValueError(f"{variable}: a token must be ASCII without spaces")
+    if len(set(found)) != len(found):
+        raise ValueError(f"{variable}: the same token is given twice (OUTBOX_CONTROL_{name.upper()}S / _FILE)")
+    return tuple(found)
+
+
+def _token(name: str, value: SecretStr | None, path: Path | None) -> list[bytes]:
     # Each message names the variable (OUTBOX_CONTROL_<NAME>) and never the token.
     variable = f"OUTBOX_CONTROL_{name.upper()}"
     if value is not None and path is not None:
-        raise ValueError(f"{variable}: set {variable} or {variable}_FILE, not both")
+        raise ValueError(f"{variable}: set together with {variable}_FILE; set one, not both")
     if path is not None:
         try:
-            text = path.read_text(encoding="utf-8").strip()
+            text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise ValueError(f"{variable}_FILE: cannot read {name}_file {path} ({error.strerror})") from None
         except UnicodeDecodeError:
-            raise ValueError(f"{variable}_FILE: {name}_file {path} is not UTF-8 text") from None
-        if not text:
-            raise ValueError(f"{variable}_FILE: {name}_file {path} is empty")
-        return text.encode()
+            raise ValueError(f"{variable}_FILE: {path} is not UTF-8 text") from None
+        lines = [line.strip() for line in text.splitlines()]
+        tokens = [line.encode() for line in lines if line and not line.startswith("#")]
+        if not tokens:
+            raise ValueError(f"{variable}_FILE: {path} is empty")
+        return tokens
     text = value.get_secret_value().strip() if value is not None else ""
-    return text.encode() if text else None
+    return [text.encode()] if text else []
 
 
 def is_read_only(method: str) -> bool:
@@ -134,13 +171,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not self._tokens.enabled:
             return ANONYMOUS
         presented = _bearer_token(metadata)
-        # Compare against both tokens every time so timing does not tell which one was close.
-        is_admin = _matches(presented, self._tokens.admin)
-        is_read = _matches(presented, self._tokens.read)
-        if is_admin:
-            return ADMIN
-        if is_read:
-            return READER
+        # Compare against every token every time so timing does not tell which one was close.
+        admin = _match_index(presented, self._tokens.admins)
+        read = _match_index(presented, self._tokens.reads)
+        if admin is not None:
+            return _numbered(ADMIN, admin, len(self._tokens.admins))
+        if read is not None:
+            return _numbered(READER, read, len(self._tokens.reads))
         raise Unauthenticated("invalid bearer token")
 
     @staticmethod
@@ -162,8 +199,18 @@ def _bearer_token(metadata: Sequence[Any]) -> bytes:
     return value[len(_BEARER) :].strip().encode()
 
 
-def _matches(presented: bytes, expected: bytes | None) -> bool:
-    return expected is not None and hmac.compare_digest(presented, expected)
+def _match_index(presented: bytes, expected: tuple[bytes, ...]) -> int | None:
+    """The position of the token that matches (compared with each of them, in constant time)."""
+    found = None
+    for index, token in enumerate(expected):
+        if hmac.compare_digest(presented, token) and found is None:
+            found = index
+    return found
+
+
+def _numbered(role: Principal, index: int, count: int) -> Principal:
+    """The role's principal; with several tokens for the role, labelled by the token's position (1-based)."""
+    return role if count == 1 else replace(role, token_label=f"{role.name}#{index + 1}")
 
 
 def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
@@ -188,7 +235,8 @@ def client_identity(principal: Principal, context: grpc.aio.ServicerContext) -> 
     """Who the transport and the token prove the caller is, unlike the self-declared operator:
     'cn:<subject CN>' when the caller presented a client certificate the server verified (mTLS: the
     server only asks for one, and gRPC only reports it, when OUTBOX_CONTROL_TLS_CLIENT_CA is set),
-    else 'token:<role>' of the bearer token, or 'anonymous' when authentication is off."""
+    else 'token:<role>' of the bearer token ('token:<role>#<n>', the token's position, when the role has
+    several tokens), or 'anonymous' when authentication is off."""
     try:
         names = context.auth_context().get("x509_common_name") or []
     except Exception:  # a context without transport details (e.g. in-process tests): no certificate
@@ -197,7 +245,9 @@ def client_identity(principal: Principal, context: grpc.aio.ServicerContext) -> 
         name = names[0]
         text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
         return "cn:" + "".join(c if c.isprintable() else "?" for c in text)[:200]
-    return "anonymous" if principal is ANONYMOUS or principal.name == ANONYMOUS.name else f"token:{principal.name}"
+    if principal is ANONYMOUS or principal.name == ANONYMOUS.name:
+        return "anonymous"
+    return f"token:{principal.token_label or principal.name}"
 
 
 def _deny(handler: grpc.RpcMethodHandler, error: ControlError) -> grpc.RpcMethodHandler:

@@ -71,6 +71,9 @@ STATUS_TABLE: dict[type[BaseException], Status] = {
     OSError: Status(grpc.StatusCode.UNAVAILABLE, "cannot reach the database"),
 }
 
+# Trailing metadata of an UNAVAILABLE status caused by the database (not the control plane itself).
+DATABASE_UNAVAILABLE = ("outbox-unavailable", "database")
+
 _INTERNAL = Status(grpc.StatusCode.INTERNAL, "internal error (see the control plane log)")
 
 

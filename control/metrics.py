@@ -1,5 +1,7 @@
 """Control-plane metrics, as a server interceptor: calls by method and status code, and what
-replays did (replayed, skipped as already replayed)."""
+replays did (replayed, skipped as already replayed). Served on the relay's /metrics when the control
+plane runs inside `outbox-relay run` (OUTBOX_CONTROL_ADDR with OUTBOX_METRICS_ADDR); docs/observability.md
+lists them."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             unit="{event}",
             description="Replays skipped: already replayed",
         )
+        # Exported from the start (0, not "No data"): their label set is known now.
+        self._replayed.add(0)
+        self._replay_skipped.add(0)
 
     async def intercept_service(
         self,

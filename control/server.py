@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import signal
+import time
 from pathlib import Path
 from typing import Self
 
@@ -28,6 +30,7 @@ from control.store import ControlStore, ReplayPacing
 from relay.shared.database import DatabaseSettings
 from relay.shared.dburl import plain_postgres_url
 from relay.shared.redaction import remember_secret
+from relay.shared.secret_files import SecretFilesMixin
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class InsecureConfigurationError(ValueError):
     """The server would be reachable from other hosts without authentication."""
 
 
-class ControlSettings(BaseSettings):
+class ControlSettings(SecretFilesMixin, BaseSettings):
     """Everything the control plane reads. Each field is the env var `OUTBOX_CONTROL_<NAME>`."""
 
     model_config = SettingsConfigDict(env_prefix="OUTBOX_CONTROL_", extra="ignore", env_ignore_empty=True)
@@ -45,9 +48,17 @@ class ControlSettings(BaseSettings):
     read_token: SecretStr | None = Field(None, description="Bearer token for Get*/List* RPCs. Never logged.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for every RPC. Never logged.")
     read_token_file: Path | None = Field(
-        None, description="File holding the read token (instead of read_token)."
+        None, description="File holding the read token (or several, one per line), instead of read_token."
     )
-    admin_token_file: Path | None = Field(None, description="File holding the admin token.")
+    admin_token_file: Path | None = Field(
+        None, description="File holding the admin token (or several, one per line, for rotation)."
+    )
+    read_tokens: SecretStr | None = Field(
+        None, description="More read tokens, comma-separated, all accepted (rotation). Never logged."
+    )
+    admin_tokens: SecretStr | None = Field(
+        None, description="More admin tokens, comma-separated, all accepted (rotation). Never logged."
+    )
     tls_cert: Path | None = Field(
         None, description="PEM server certificate (chain); enables TLS with tls_key."
     )
@@ -85,11 +96,18 @@ class ControlSettings(BaseSettings):
         1_000_000, ge=1, description="Rows GetStatus counts at most for the backlog and for dead letters."
     )
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get on stop.")
+    # The same variable as the relay's (`run`): how long a starting process waits for its database.
+    startup_timeout: float = Field(
+        300.0,
+        ge=0,
+        alias="OUTBOX_STARTUP_TIMEOUT",
+        description="Seconds `control` waits for the database at start before giving up (0: forever).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         # Messages name the variables, never their values (relay.shared.config_errors prints them).
-        for token in (self.read_token, self.admin_token):
+        for token in (self.read_token, self.admin_token, self.read_tokens, self.admin_tokens):
             if token is not None:
                 remember_secret(token.get_secret_value())
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -105,9 +123,16 @@ class ControlSettings(BaseSettings):
         return self
 
     def tokens(self) -> Tokens:
-        tokens = load_tokens(self.read_token, self.read_token_file, self.admin_token, self.admin_token_file)
-        remember_secret(tokens.read)  # also when read from a file: redacted from any later message
-        remember_secret(tokens.admin)
+        tokens = load_tokens(
+            self.read_token,
+            self.read_token_file,
+            self.admin_token,
+            self.admin_token_file,
+            reads=self.read_tokens,
+            admins=self.admin_tokens,
+        )
+        for token in (*tokens.reads, *tokens.admins):
+            remember_secret(token)  # also when read from a file: redacted from any later message
         return tokens
 
 
@@ -299,6 +324,54 @@ class ControlServer:
         await self.stop()
 
 
+class DatabaseUnreachableError(Exception):
+    """The database did not answer within OUTBOX_STARTUP_TIMEOUT at start."""
+
+
+# SQLSTATE classes that say "not now" rather than "never": connection (08), authentication (28: a
+# password being rotated), resources (53: too many connections), operator intervention (57: starting up).
+_WAIT_SQLSTATE_CLASSES = ("08", "28", "53", "57")
+_WAIT_INITIAL = 0.5
+_WAIT_MAX = 10.0
+
+
+def _database_not_ready(error: BaseException) -> bool:
+    if isinstance(error, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
+        return True
+    sqlstate = getattr(error, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in _WAIT_SQLSTATE_CLASSES
+
+
+async def wait_for_database(
+    settings: ControlSettings, database: DatabaseSettings, stop: asyncio.Event
+) -> asyncpg.Pool | None:
+    """The control plane's pool once the database answers, like `run` at start: retried with backoff
+    (0.5 s doubling to 10 s), each failure logged, for OUTBOX_STARTUP_TIMEOUT seconds (0: forever),
+    then DatabaseUnreachableError. None when `stop` is set meanwhile. Other errors (a wrong database
+    name, say) are raised at once."""
+    limit = settings.startup_timeout
+    deadline = time.monotonic() + limit if limit else math.inf
+    delay = _WAIT_INITIAL
+    while True:
+        try:
+            return await create_control_pool(settings, database)
+        except Exception as error:
+            if not _database_not_ready(error):
+                raise
+            problem = f"{type(error).__name__}: {error}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnreachableError(
+                    f"database not reachable within OUTBOX_STARTUP_TIMEOUT={limit:g}s: {problem}"
+                ) from None
+            log.warning("database not reachable (%s); retrying in %.1fs", problem, min(delay, left))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(delay, left))
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, _WAIT_MAX)
+
+
 async def serve_forever(
     settings: ControlSettings | None = None,
     database: DatabaseSettings | None = None,
@@ -306,7 +379,10 @@ async def serve_forever(
     pool: asyncpg.Pool | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serves until `stop` is set or SIGINT/SIGTERM arrives (what `outbox-relay control` runs)."""
+    """Serves until `stop` is set or SIGINT/SIGTERM arrives (what `outbox-relay control` runs). Without
+    a `pool`, waits for the database first (wait_for_database)."""
+    settings = settings or ControlSettings()
+    database = database or DatabaseSettings()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -314,11 +390,21 @@ async def serve_forever(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)
             installed.append(signum)
-    server = ControlServer(settings, database, pool=pool)
+    own_pool: asyncpg.Pool | None = None
     try:
-        await server.start()
-        await stop.wait()
+        if pool is None:
+            check_exposure(settings.addr, settings.tokens(), settings.allow_insecure)  # before any wait
+            pool = own_pool = await wait_for_database(settings, database, stop)
+            if pool is None:
+                return
+        server = ControlServer(settings, database, pool=pool)
+        try:
+            await server.start()
+            await stop.wait()
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
+        if own_pool is not None:
+            await own_pool.close()
         for signum in installed:
             loop.remove_signal_handler(signum)

@@ -14,7 +14,7 @@ from control import convert, paging, validation
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.auth import current_principal
-from control.errors import is_expected, status_for
+from control.errors import DATABASE_UNAVAILABLE, is_expected, status_for
 from control.model import Audit
 from control.store import ControlStore, Deadline
 
@@ -37,7 +37,10 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
             code, message = status_for(error)
             if not is_expected(error):
                 log.exception("ControlService/%s failed", method.__name__)
-            await context.abort(code, message)
+            # Every UNAVAILABLE of the status table is the database's: say so, so that the client tells
+            # "cannot reach the database" from "cannot reach the control plane" (the transport's).
+            trailing = (DATABASE_UNAVAILABLE,) if code == grpc.StatusCode.UNAVAILABLE else ()
+            await context.abort(code, message, trailing_metadata=trailing)
             raise AssertionError("context.abort returned") from error
 
     return handle

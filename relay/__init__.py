@@ -1,3 +1,5 @@
 """Outbox Relay: moves committed outbox rows from PostgreSQL to Kafka or Redis Streams."""
 
-__version__ = "0.1.0"
+from relay.shared.version import __version__
+
+__all__ = ["__version__"]

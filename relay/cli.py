@@ -19,14 +19,14 @@ from relay.config import DatabaseSettings, RelaySettings
 from relay.logs import setup_logging
 from relay.shared.config_errors import config_error_lines, remember_environment_secrets
 from relay.shared.redaction import redact
+from relay.shared.version import __version__
 
 if TYPE_CHECKING:
     from control.server import ControlServer
     from relay.service import RelayService
 
-app = typer.Typer(
-    help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
-)
+# add_completion: --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 log = logging.getLogger("relay.cli")
 SettingsT = TypeVar("SettingsT", bound=DatabaseSettings)
 
@@ -43,7 +43,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def _invalid(lines: list[str]) -> typer.Exit:
     """One `error: invalid configuration: VARIABLE: problem` line per problem, exit 2."""
-    for line in lines:
+    for line in dict.fromkeys(lines):  # once each: two settings classes may report one problem
         typer.echo(f"error: invalid configuration: {redact(line)}", err=True)
     return typer.Exit(2)
 
@@ -65,6 +65,24 @@ def _settings(kind: type[SettingsT]) -> SettingsT:
         raise _invalid(errors)
     assert isinstance(settings, kind)
     return settings
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"outbox-relay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Outbox Relay: migrate the schema, run a relay, serve the control plane, run the demo."""
 
 
 STATUS_EXIT_CODES = {"current": 0, "behind": 3, "ahead": 4}
@@ -223,9 +241,17 @@ def _control_plane(settings: RelaySettings, service: RelayService) -> ControlSer
 @app.command()
 def control(log_level: LogLevel = "INFO") -> None:
     """Serve only the gRPC control plane (stateless: run as many as you like behind a load balancer).
-    Settings: OUTBOX_DATABASE_URL, OUTBOX_SCHEMA and OUTBOX_CONTROL_* (see docs/configuration.md)."""
+    Settings: OUTBOX_DATABASE_URL, OUTBOX_SCHEMA and OUTBOX_CONTROL_* (see docs/configuration.md).
+
+    Waits for the database at start like `run` (OUTBOX_STARTUP_TIMEOUT); exits 0 only when asked to
+    stop, 1 when the database stayed unreachable, 2 on bad configuration."""
     setup_logging(log_level)
-    from control.server import ControlSettings, InsecureConfigurationError, serve_forever
+    from control.server import (
+        ControlSettings,
+        DatabaseUnreachableError,
+        InsecureConfigurationError,
+        serve_forever,
+    )
 
     remember_environment_secrets()
     database, database_errors = _configuration_errors(DatabaseSettings)
@@ -237,6 +263,8 @@ def control(log_level: LogLevel = "INFO") -> None:
         asyncio.run(serve_forever(settings, database))
     except (InsecureConfigurationError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    except DatabaseUnreachableError as exc:
+        raise _fail(f"control plane stopped: {exc}", 1) from None
     except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
         log.debug("control plane failed", exc_info=True)
         raise _fail(f"control plane failed: {type(exc).__name__}: {exc}", 1) from None
@@ -273,7 +301,7 @@ def _checkout_demo() -> Callable[..., Coroutine[Any, Any, int]]:
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    app(prog_name="outbox-relay")  # also under `python -m relay`: the name shell completion is set up for
 
 
 if __name__ == "__main__":

@@ -29,6 +29,16 @@ class SettleMode(StrEnum):
     RETAIN = "retain"
 
 
+# The Kafka settings aiokafka accepts, checked at start (a wrong value exits 2 naming the variable and
+# these values) instead of failing later, in the background, on every connection attempt.
+KafkaCompression = Literal["gzip", "snappy", "lz4", "zstd"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+# GSSAPI (Kerberos) and OAUTHBEARER need a ticket or a token provider the relay does not configure.
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+# The package each codec of aiokafka needs (pip install aiokafka[<extra>]).
+_CODEC_EXTRAS = {"snappy": "snappy", "lz4": "lz4", "zstd": "zstd"}
+
+
 def default_instance_id() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -90,6 +100,17 @@ class RelaySettings(DatabaseSettings):
     settle_mode: SettleMode = Field(SettleMode.DELETE, description="delete published rows, or retain them.")
     retention: float = Field(3600.0, ge=0, description="Seconds published rows are kept in retain mode.")
     cleanup_batch_size: int = Field(1000, ge=1)
+    audit_retention: int = Field(
+        90 * 86_400, ge=0, description="Seconds audit_log rows are kept; the leader deletes older (0: forever)."
+    )
+    replay_log_retention: int = Field(
+        90 * 86_400,
+        ge=0,
+        description="Seconds replay records are kept once their dead letter is gone (0: forever).",
+    )
+    dead_letter_retention: int = Field(
+        0, ge=0, description="Seconds dead letters are kept (0, the default: forever; they are data)."
+    )
     max_payload_bytes: int = Field(1_000_000, ge=1, description="Larger events are dead-lettered at once.")
     dlq_publish: bool = Field(False, description="Also publish dead letters to '<topic>.dlq'.")
     partitions: int = Field(16, ge=1, le=4096, description="Partition count; set at first migration.")
@@ -107,14 +128,20 @@ class RelaySettings(DatabaseSettings):
     )
 
     kafka_acks: Literal["all", "0", "1", "-1"] = Field("all", description="Producer acks; keep all.")
-    kafka_compression: str | None = Field(None, description="gzip, snappy, lz4, zstd or unset.")
+    kafka_compression: KafkaCompression | None = Field(
+        None, description="none, gzip, snappy, lz4 or zstd; unset: none."
+    )
     kafka_linger_ms: int = Field(
         0, ge=0, description="Milliseconds a batch may wait for more rows while others are in flight."
     )
     kafka_max_request_size: int = Field(1_048_576, ge=1024)
     kafka_idempotence: bool = Field(False, description="Idempotent producer (the embedded broker lacks it).")
-    kafka_security_protocol: str = Field("PLAINTEXT")
-    kafka_sasl_mechanism: str | None = None
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; needs a SASL_* protocol."
+    )
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
@@ -147,6 +174,55 @@ class RelaySettings(DatabaseSettings):
             raise ValueError(
                 f"OUTBOX_INFLIGHT_MAX_BYTES ({self.inflight_max_bytes}) must be at least"
                 f" OUTBOX_CLAIM_MAX_BYTES ({self.claim_max_bytes}): every claim takes that much of it"
+            )
+        return self
+
+    @field_validator("kafka_compression", mode="before")
+    @classmethod
+    def _compression_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return None if value in ("", "none") else value
+        return value
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip().upper() or None
+        return value
+
+    @field_validator("kafka_compression")
+    @classmethod
+    def _codec_installed(cls, value: str | None) -> str | None:
+        if value in _CODEC_EXTRAS:
+            from aiokafka import codec
+
+            if not getattr(codec, f"has_{value}")():
+                raise ValueError(
+                    f"OUTBOX_KAFKA_COMPRESSION={value} needs its codec, which is not installed"
+                    f" (pip install 'aiokafka[{_CODEC_EXTRAS[value]}]'), or choose gzip or none"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> RelaySettings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and self.kafka_sasl_mechanism is None:
+            raise ValueError(
+                f"OUTBOX_KAFKA_SASL_MECHANISM is required with OUTBOX_KAFKA_SECURITY_PROTOCOL="
+                f"{self.kafka_security_protocol} (one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)"
+            )
+        if not sasl and self.kafka_sasl_mechanism is not None:
+            raise ValueError(
+                f"OUTBOX_KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism} needs"
+                " OUTBOX_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT or SASL_SSL"
+                f" (it is {self.kafka_security_protocol})"
+            )
+        if sasl and (not self.kafka_sasl_username or self.kafka_sasl_password is None):
+            raise ValueError(
+                f"OUTBOX_KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism} needs"
+                " OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD (or OUTBOX_KAFKA_SASL_PASSWORD_FILE)"
             )
         return self
 

@@ -9,6 +9,7 @@ instance that handed everything over publishes nothing, so it probes its down si
 
 from __future__ import annotations
 
+from relay.sinks.base import Sink
 from relay.sinks.router import Router
 
 
@@ -43,6 +44,13 @@ class SinkHealth:
         """What the heartbeat records: None when healthy."""
         sinks = self.unhealthy_sinks()
         return "; ".join(f"sink {kind} {text}" for kind, text in sinks.items()) or None
+
+    @staticmethod
+    def not_connected_reason(sink: Sink) -> str:
+        """/readyz's reason for a sink that is not connected: why connecting fails when that is not
+        the network (wrong credentials, TLS, an unsupported broker), which no retry will fix."""
+        error = sink.connection.error
+        return f"cannot connect: {error}" if error else "not connected"
 
     async def probe(self) -> bool:
         """Asks the sinks in an outage whether they answer again (clearing the outages of those

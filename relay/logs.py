@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line when not on a terminal, with secrets redacted."""
+"""Structured logs: one JSON object per line when not on a terminal, with secrets redacted, and the
+current span's `trace_id`/`span_id` (as OpenTelemetry writes them) when a line is logged inside one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from opentelemetry import trace
 
 from relay.shared.redaction import redact
 
@@ -30,11 +33,21 @@ def _clean(value: Any) -> Any:
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {
+    extras = {
         key: "***" if _is_secret(key) else _clean(value)
         for key, value in record.__dict__.items()
         if key not in _STANDARD
     }
+    extras.update(trace_fields())
+    return extras
+
+
+def trace_fields() -> dict[str, str]:
+    """`trace_id` and `span_id` of the current span (32 and 16 hex digits); none outside a span."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
 
 class JsonFormatter(logging.Formatter):

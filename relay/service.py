@@ -37,7 +37,8 @@ from relay.sinks.redis import RedisSink
 from relay.sinks.router import Router, parse_routes
 from relay.store import RelayStore, is_transient_db_error
 from relay.supervision import Supervisor, describe
-from relay.telemetry import METER_NAME, RelayMetrics, configure_tracing, prometheus_meter_provider
+from relay.telemetry import METER_NAME, RelayMetrics, fleet_labels, prometheus_meter_provider
+from relay.tracing import configure_tracing
 from relay.worker import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,12 @@ class RelayService:
         self.registry = CollectorRegistry()
         self._meter_provider = prometheus_meter_provider(self.registry) if settings.metrics_addr else None
         meter = self._meter_provider.get_meter(METER_NAME) if self._meter_provider is not None else None
-        self.metrics = RelayMetrics(settings.instance_id, meter)
+        self.metrics = RelayMetrics(
+            settings.instance_id,
+            meter,
+            fleet_labels(settings.schema_name, settings.database_url.get_secret_value()),
+        )
+        self.metrics.sink_connections(lambda: {kind.value: sink for kind, sink in self.router.sinks.items()})
         self.ops: OpsServer | None = None
         self._attached: list[Attached] = []
         self._attached_started: list[Attached] = []
@@ -144,7 +150,7 @@ class RelayService:
             self.supervisor,
             health=self.sink_health,
         )
-        self._register_gauges()
+        self._register_gauges(partitions)
         for server in self._attached:
             self._attached_started.append(server)  # stopped even if its start fails part-way
             await server.start()
@@ -193,8 +199,8 @@ class RelayService:
             raise RuntimeError("attach() after start()")
         self._attached.append(server)
 
-    def _register_gauges(self) -> None:
-        instance = {"instance": self.settings.instance_id}
+    def _register_gauges(self, partitions: int) -> None:
+        instance = self.metrics.instance_labels
 
         # Leases whose trust window lapsed (e.g. the database is unreachable) are not reported as
         # held, so dashboards and OutboxNoLeader see the outage instead of frozen values.
@@ -231,6 +237,12 @@ class RelayService:
             "1",
             "1 per active pause, by topic pattern ('*' = everything)",
             lambda: [(1.0, {"pattern": p}) for p in self.pauses.patterns],
+        )
+        m.gauge(
+            "outbox_partitions",
+            "{partition}",
+            "Partitions of the outbox (each should be held by one instance: see outbox_partitions_held)",
+            lambda: [(float(partitions), {})],
         )
         m.gauge(
             "outbox_partitions_held",
@@ -285,12 +297,15 @@ class RelayService:
         for kind, sink in self.router.sinks.items():
             name, outage = f"sink_{kind.value}", outages.get(kind.value)
             checks[name] = self.started and sink.is_connected() and outage is None
+            cannot_connect = sink.connection.error
             if outage is not None:
                 reasons[name] = outage + ("; partitions handed over" if kind.value in cause else "")
+                if cannot_connect:  # why, when no retry will help
+                    reasons[name] = f"cannot connect: {cannot_connect}; {reasons[name]}"
             elif not self.started:
                 reasons[name] = "relay starting"
             else:
-                reasons[name] = "not connected"
+                reasons[name] = self.sink_health.not_connected_reason(sink)
         return Readiness(checks, reasons)
 
     async def _check_schema(self) -> None:

@@ -234,6 +234,10 @@ class RelayStore:
     async def cleanup_published(self, retention: float, batch: int) -> int:
         return _affected(await self.pool.execute(self._q["cleanup_published"], retention, batch))
 
+    async def cleanup_expired(self, table: str, retention: int, batch: int) -> int:
+        """One retention batch (`retention_<table>` in queries.sql): rows deleted, at most `batch`."""
+        return _affected(await self.pool.execute(self._q[f"retention_{table}"], float(retention), batch))
+
     async def cleanup_housekeeping(self) -> None:
         await self.pool.execute(self._q["cleanup_expired_pauses"])
         await self.pool.execute(self._q["cleanup_instances"])

@@ -1,23 +1,26 @@
 """Metrics and traces (OpenTelemetry). Metrics are exported for Prometheus on OUTBOX_METRICS_ADDR;
-traces go wherever the standard OTEL_* variables say, and nowhere by default."""
+traces are relay.tracing's (the standard OTEL_* variables)."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Iterable, Sequence
+import platform
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from relay.events import OutboxRow
 from relay.faults import db_error_kind
+from relay.shared.version import __version__
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from relay.sinks.base import Sink
     from relay.sinks.router import Router
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,11 @@ def prometheus_meter_provider(registry: CollectorRegistry) -> metrics.MeterProvi
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import Histogram, MeterProvider
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+    from prometheus_client import PlatformCollector, ProcessCollector
 
+    # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds... and python_info.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     reader = PrometheusMetricReader(registry=registry, disable_target_info=True, scope_info_enabled=False)
     # Second-valued histograms need second-sized buckets (the SDK default tops out at 10000).
     seconds_views = [
@@ -44,43 +51,57 @@ def prometheus_meter_provider(registry: CollectorRegistry) -> metrics.MeterProvi
     return MeterProvider(metric_readers=[reader], views=seconds_views)
 
 
-_tracing_configured = False
-
-
-def configure_tracing() -> bool:
-    """Installs an OTLP exporter (once per process) when the standard OpenTelemetry variables ask
-    for one."""
-    global _tracing_configured
-    if _tracing_configured:
-        return True
-    wanted = os.environ.get("OTEL_TRACES_EXPORTER", "").lower()
-    if wanted in ("", "none") and not os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        return False
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError:
-        log.warning(
-            "OTEL_TRACES_EXPORTER is set but opentelemetry-exporter-otlp is not installed; tracing off"
-        )
-        return False
-    provider = TracerProvider(resource=Resource.create({"service.name": "outbox-relay"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    _tracing_configured = True
-    return True
-
-
 GaugeSource = Callable[[], Iterable[tuple[float, dict[str, str]]]]
+
+# The relay's own name for an instance (OUTBOX_INSTANCE_ID). Not `instance`: Prometheus sets that on
+# every series to the scrape target (host:port), and a metric's own `instance` label clashes with it.
+INSTANCE_LABEL = "relay_instance"
+# Failure kinds whose counters exist from the start (0, not "No data"); others appear when they occur.
+KNOWN_PUBLISH_FAILURES = ("broker_unavailable", "publish_timeout", "unknown_topic", "publish_failed")
+KNOWN_LEASE_CHANGES = ("acquired", "lost", "acquire_failed")
+
+
+def database_name(url: str) -> str:
+    """The database name of a PostgreSQL URL or keyword DSN: a fleet label, so never the host, the
+    user or the password ('' when the URL names none)."""
+    text = url.strip()
+    if "://" not in text:  # keyword DSN: host=... dbname=app
+        for part in text.split():
+            key, sep, value = part.partition("=")
+            if sep and key.strip().lower() == "dbname":
+                return value.strip().strip("'")
+        return ""
+    try:
+        path = urlsplit(text).path
+    except ValueError:
+        return ""
+    return unquote(path.lstrip("/").split("/", 1)[0])
+
+
+def fleet_labels(schema: str, database_url: str) -> dict[str, str]:
+    """The labels that tell fleets apart in one Prometheus: the outbox schema and the database name."""
+    return {"schema": schema, "database": database_name(database_url)}
+
+
+def build_labels() -> dict[str, str]:
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation().lower(),
+    }
 
 
 class RelayMetrics:
-    def __init__(self, instance_id: str, meter: metrics.Meter | None = None) -> None:
+    """Every series carries the fleet labels (`schema`, `database`); the per-instance ones also
+    `relay_instance`. Counters whose label sets are known at start exist from the start, at 0."""
+
+    def __init__(
+        self, instance_id: str, meter: metrics.Meter | None = None, fleet: Mapping[str, str] | None = None
+    ) -> None:
         meter = meter or metrics.get_meter(METER_NAME)
         self._meter = meter
-        self._instance = {"instance": instance_id}
+        self.fleet: dict[str, str] = dict(fleet or {})
+        self._instance = {**self.fleet, INSTANCE_LABEL: instance_id}
         self.published_total = meter.create_counter(
             "outbox_events_published", unit="{event}", description="Events acknowledged by a sink"
         )
@@ -125,13 +146,58 @@ class RelayMetrics:
             "outbox_settle_duration", unit="s", description="Settle time"
         )
 
+        self._start_at_zero()
+        labels = {**self._instance, **build_labels()}
+        self.gauge("outbox_build_info", "1", "1, labelled with the relay's version and Python", lambda: [(1.0, labels)])
+
+    @property
+    def instance_labels(self) -> dict[str, str]:
+        """The labels of a per-instance series: the fleet's and `relay_instance`."""
+        return dict(self._instance)
+
+    def _start_at_zero(self) -> None:
+        """The series dashboards and alerts use whose labels are known now, at 0 (an absent series
+        shows "No data", and increase() misses its first increment)."""
+        for kind in KNOWN_PUBLISH_FAILURES:
+            self.publish_failures.add(0, {"kind": kind, **self._instance})
+        for change in KNOWN_LEASE_CHANGES:
+            self.lease_events.add(0, {"change": change, **self._instance})
+
     def gauge(self, name: str, unit: str, description: str, source: GaugeSource) -> None:
-        """An observable gauge read at scrape time from `source` (value, labels) pairs."""
+        """An observable gauge read at scrape time from `source` (value, labels) pairs; the fleet
+        labels are added to each."""
 
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value, labels) for value, labels in source()]
+            return [Observation(value, {**self.fleet, **labels}) for value, labels in source()]
 
         self._meter.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
+
+    def sink_connections(self, sinks: Callable[[], Mapping[str, Sink]]) -> None:
+        """outbox_sink_connected{sink} and outbox_sink_connect_failures_total{sink,kind}, every kind
+        from the start."""
+
+        def failures(_options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(count, {"sink": name, "kind": kind, **self._instance})
+                for name, sink in sinks().items()
+                for kind, count in sink.connection.failures.items()
+            ]
+
+        self._meter.create_observable_counter(
+            "outbox_sink_connect_failures",
+            callbacks=[failures],
+            unit="{attempt}",
+            description="Failed attempts to connect to a sink, by kind (network, authentication, tls, unsupported, other)",
+        )
+        self.gauge(
+            "outbox_sink_connected",
+            "1",
+            "1 while this instance is connected to the sink",
+            lambda: [
+                (1.0 if sink.is_connected() else 0.0, {"sink": name, **self._instance})
+                for name, sink in sinks().items()
+            ],
+        )
 
     def claimed(self, count: int, seconds: float) -> None:
         self.batch_size.record(count, self._instance)
@@ -146,7 +212,9 @@ class RelayMetrics:
         for row in rows:
             sink = router.sink_kind_for(row.topic).value
             counts[(row.topic, sink)] = counts.get((row.topic, sink), 0) + 1
-            self.latency.record((now - row.created_at).total_seconds(), {"topic": row.topic, "sink": sink})
+            self.latency.record(
+                (now - row.created_at).total_seconds(), {"topic": row.topic, "sink": sink, **self._instance}
+            )
         for (topic, sink), count in counts.items():
             self.published_total.add(count, {"topic": topic, "sink": sink, **self._instance})
 

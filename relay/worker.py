@@ -22,7 +22,7 @@ from relay.retry import FailureBackoff, RetryPolicy
 from relay.sinks.router import Router
 from relay.store import TRANSIENT_DB_ERRORS, RelayStore
 from relay.telemetry import RelayMetrics
-from relay.tracing import end_publish_spans, start_publish_spans, tracer, tracing_enabled
+from relay.tracing import batch_span, end_publish_spans, start_publish_spans, tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -328,12 +328,11 @@ class PartitionWorker:
             return None
         if not tracing_enabled():
             return await self._start_publish(plan, rows)
-        with tracer.start_as_current_span(
-            "outbox batch", attributes={"outbox.partition": self.partition, "outbox.batch_size": len(rows)}
-        ):
-            traced, spans = start_publish_spans(rows, self.partition)
+        with batch_span(self.partition, len(rows)):
+            router = self._ctx.router
+            traced, spans = start_publish_spans(rows, self.partition, router)
             results = await self._start_publish(plan, traced)
-            end_publish_spans(spans, results)
+            end_publish_spans(spans, results, rows, router)
             return results
 
     async def _start_publish(self, plan: BatchPlan, rows: list[OutboxRow]) -> list[PublishResult] | None:

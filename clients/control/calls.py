@@ -327,7 +327,10 @@ class _Attempts:
         method = self.call.method
         if cls is Unavailable:
             tries = f" ({self.number} attempts)" if self.number > 1 else ""
-            message = f"cannot reach the control plane at {self.config.addr}{tries}: {details}"
+            if _database_unavailable(error):  # the control plane answered: its database did not
+                message = f"the control plane at {self.config.addr} cannot reach the database{tries}: {details}"
+            else:
+                message = f"cannot reach the control plane at {self.config.addr}{tries}: {details}"
         elif cls is DeadlineExceeded:
             message = f"{method}: no answer from {self.config.addr} within {self.config.timeout:g}s ({details})"
         else:
@@ -338,6 +341,16 @@ class _Attempts:
 def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
     code = getattr(error, "code", None)
     return code() if callable(code) else None
+
+
+def _database_unavailable(error: grpc.RpcError) -> bool:
+    """Whether the server marked this UNAVAILABLE as its database's (control.errors.DATABASE_UNAVAILABLE)."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # no metadata: a transport error
+        return False
+    return any(tuple(item) == ("outbox-unavailable", "database") for item in metadata or ())
 
 
 def _details(error: grpc.RpcError) -> str:

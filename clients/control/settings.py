@@ -20,6 +20,7 @@ DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 3
 ENV_PREFIX = "OUTBOX_CONTROL_"
+SECRETS_DIR = "OUTBOX_SECRETS_DIR"
 REDACTED = "***"
 
 
@@ -168,13 +169,22 @@ def _load_token(token: str | None, token_file: str | os.PathLike[str] | None, en
     value = token
     if value is None and token_file is None:
         value = env.get(ENV_PREFIX + "TOKEN") or None
-        if value is None and env.get(ENV_PREFIX + "TOKEN_FILE"):
-            token_file = env[ENV_PREFIX + "TOKEN_FILE"]
+        from_file = env.get(ENV_PREFIX + "TOKEN_FILE") or None
+        if value is not None and from_file is not None:
+            raise InvalidArgument(
+                f"token: {ENV_PREFIX}TOKEN is set together with {ENV_PREFIX}TOKEN_FILE; set one, not both"
+            )
+        if value is None and from_file is None and env.get(SECRETS_DIR):
+            # A file named OUTBOX_CONTROL_TOKEN in the secrets directory (Docker/Kubernetes secrets).
+            candidate = Path(env[SECRETS_DIR]) / (ENV_PREFIX + "TOKEN")
+            from_file = str(candidate) if candidate.is_file() else None
+        token_file = from_file
     if value is None and token_file is not None:
         try:
             value = Path(token_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"token_file: cannot read {token_file}: {exc.__class__.__name__}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc.__class__.__name__
+            raise InvalidArgument(f"token_file: cannot read {token_file}: {reason}") from None
     if value is None:
         return None
     value = value.strip()

@@ -7,4 +7,6 @@ nothing of the service, so that every package may depend on it and none of them 
 - dburl: database URLs for asyncpg, psycopg and SQLAlchemy
 - config_errors: configuration errors as operators read them (one line per variable, no secret)
 - sqlblocks: files of named SQL blocks (`-- name --`) loaded into name -> statement mappings
+- version: the distribution's version (the one place it is written)
+- launch: what both console scripts do first: --version, the missing-extra message, gRPC core's verbosity
 """

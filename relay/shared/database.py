@@ -9,10 +9,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay.shared.identifiers import validate_schema_name
 from relay.shared.redaction import remember_secret, url_password
+from relay.shared.secret_files import SecretFilesMixin
 
 
-class DatabaseSettings(BaseSettings):
-    """What every command that touches the database needs."""
+class DatabaseSettings(SecretFilesMixin, BaseSettings):
+    """What every command that touches the database needs. Secret settings may also come from
+    `<VAR>_FILE` or OUTBOX_SECRETS_DIR (relay.shared.secret_files)."""
 
     model_config = SettingsConfigDict(
         env_prefix="OUTBOX_", extra="ignore", populate_by_name=True, env_ignore_empty=True

@@ -10,7 +10,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownTopicOrPartitionError
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailed,
+    UnknownTopicOrPartitionError,
+    UnsupportedSaslMechanismError,
+    UnsupportedVersionError,
+)
 from aiokafka.helpers import create_ssl_context
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -18,7 +29,13 @@ from relay.config import RelaySettings
 from relay.events import DEFERRED, PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.faults import Fault, classify_kafka_error, kafka_error_is_topic_scoped
 from relay.retry import FailureBackoff
-from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
+from relay.sinks.base import (
+    MESSAGE_ID_HEADER,
+    ConnectFailure,
+    ConnectState,
+    SinkUnavailableError,
+    is_tls_error,
+)
 from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
 
 log = logging.getLogger(__name__)
@@ -46,6 +63,7 @@ class KafkaSink:
         self._reachable = False
         self._connecting: asyncio.Task[None] | None = None
         self.connect_error: str | None = None  # why the last connection attempt failed
+        self.connection = ConnectState("kafka", log)
 
     def _producer_options(self) -> dict[str, Any]:
         s = self._settings
@@ -80,30 +98,72 @@ class KafkaSink:
             self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
 
     async def _connect(self) -> None:
-        """Retries until connected. A failure that is not the network (authentication, TLS, a
-        wrong setting) is logged as an error each time, so it does not hide as "not connected"."""
+        """Retries until connected. A failure that is not the network (authentication, TLS, an
+        unsupported broker, a wrong setting) is logged as an error each time, counted and shown on
+        /readyz (self.connection), so it does not hide as "not connected yet"."""
         backoff = FailureBackoff(0.2, self._settings.sink_backoff_max)
         while True:
-            producer = AIOKafkaProducer(**self._producer_options())
+            producer: AIOKafkaProducer | None = None
             try:
+                producer = AIOKafkaProducer(**self._producer_options())
                 await producer.start()
+            except asyncio.CancelledError:  # stopped while connecting: leave nothing open
+                if producer is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(producer.stop())
+                raise
             except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                self.connect_error = _detail(exc)
+                if producer is not None:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+                cause: BaseException = exc
+                if isinstance(exc, KafkaConnectionError):
+                    cause = await self._bootstrap_error(exc)
                 delay = backoff.failed()
-                if isinstance(exc, (KafkaConnectionError, OSError)):
-                    log.warning("kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
-                else:
-                    log.error("cannot connect to kafka: %s; retrying in %.1fs", self.connect_error, delay)
+                self.connect_error = _detail(cause)
+                self.connection.failed(kafka_connect_failure(cause), self.connect_error, delay)
                 await asyncio.sleep(delay)
                 continue
             self._producer = producer
             self._batches = SharedBatches(producer, self._settings.kafka_linger_ms)
             self._reachable = True
             self.connect_error = None
+            self.connection.connected()
             log.info("connected to kafka")
             return
+
+    async def _bootstrap_error(self, exc: KafkaConnectionError) -> BaseException:
+        """aiokafka's bootstrap says only "Unable to bootstrap" whatever each broker did (refused
+        the SASL credentials, failed the TLS handshake...): asks the brokers once more, all at once,
+        for the real reason. `exc` itself when every one of them is just unreachable."""
+        options = self._producer_options()
+
+        async def ask(host: str, port: int) -> BaseException | None:
+            try:
+                conn = await asyncio.wait_for(
+                    create_conn(
+                        host,
+                        port,
+                        client_id=options["client_id"],
+                        request_timeout_ms=options["request_timeout_ms"],
+                        ssl_context=options.get("ssl_context"),
+                        security_protocol=options["security_protocol"],
+                        sasl_mechanism=options.get("sasl_mechanism"),
+                        sasl_plain_username=options.get("sasl_plain_username"),
+                        sasl_plain_password=options.get("sasl_plain_password"),
+                    ),
+                    timeout=5,
+                )
+            except Exception as found:  # the reason we are after
+                return found
+            conn.close()
+            return None
+
+        hosts = collect_hosts(self._settings.kafka_bootstrap or "")
+        answers = await asyncio.gather(*(ask(host, port) for host, port, _family in hosts))
+        return next(
+            (a for a in answers if a is not None and kafka_connect_failure(a) is not ConnectFailure.NETWORK), exc
+        )
 
     async def stop(self) -> None:
         connecting, self._connecting = self._connecting, None
@@ -118,6 +178,17 @@ class KafkaSink:
     def is_connected(self) -> bool:
         """False from the first sign of an outage until the broker acknowledges again."""
         return self._producer is not None and self._reachable
+
+    def destination(self, row: OutboxRow) -> tuple[str, int | None]:
+        """The topic and, for a keyed event once the topic's metadata is known, its partition (the
+        same murmur2 choice publish makes; a keyless event's partition is chosen at random)."""
+        producer = self._producer
+        if producer is None or row.key is None:
+            return row.topic, None
+        partitions = producer.client.cluster.partitions_for_topic(row.topic)
+        if not partitions:
+            return row.topic, None
+        return row.topic, self._partitioner.partition(row.key.encode(), sorted(partitions), ())
 
     async def probe(self) -> bool:
         producer = self._producer
@@ -260,6 +331,19 @@ class KafkaSink:
             for row, reason in letters
         ]
         await asyncio.gather(*sent)
+
+
+def kafka_connect_failure(exc: BaseException) -> ConnectFailure:
+    """The kind of a failed connection to Kafka (see relay.sinks.base.ConnectFailure)."""
+    if is_tls_error(exc):
+        return ConnectFailure.TLS
+    if isinstance(exc, AuthenticationFailedError | SaslAuthenticationFailed | IllegalSaslStateError):
+        return ConnectFailure.AUTHENTICATION
+    if isinstance(exc, UnsupportedSaslMechanismError | AuthenticationMethodNotSupported | UnsupportedVersionError):
+        return ConnectFailure.UNSUPPORTED
+    if isinstance(exc, KafkaConnectionError | KafkaTimeoutError | OSError | TimeoutError):
+        return ConnectFailure.NETWORK
+    return ConnectFailure.OTHER
 
 
 def batch_ok(batch: OpenBatch) -> bool:

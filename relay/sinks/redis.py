@@ -10,14 +10,20 @@ from functools import lru_cache
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.config import RelaySettings
 from relay.events import DEFERRED, PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.faults import Fault, classify_redis_error, classify_redis_reply_error
-from relay.sinks.base import MESSAGE_ID_HEADER, SinkUnavailableError
+from relay.sinks.base import (
+    MESSAGE_ID_HEADER,
+    ConnectFailure,
+    ConnectState,
+    SinkUnavailableError,
+    is_tls_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,7 @@ class RedisSink:
         self._client: aioredis.Redis | None = None
         self._connected = False
         self._xadd_batch: Any = None
+        self.connection = ConnectState("redis", log)
 
     async def start(self) -> None:
         if self._client is None:
@@ -125,9 +132,18 @@ class RedisSink:
             # start is not fatal (publish retries it), it only leaves the sink "not connected".
             try:
                 await self._client.ping()
-                self._connected = True
             except (RedisError, OSError) as exc:
-                log.warning("redis not reachable yet: %s", type(exc).__name__)
+                self._connect_failed(exc)
+            else:
+                self._connected = True
+                self.connection.connected()
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """Counts and reports a failed connection; an error, not "not reachable yet", when it is
+        not the network (a wrong password, a TLS failure...)."""
+        kind = redis_connect_failure(exc)
+        detail = type(exc).__name__ if kind is ConnectFailure.NETWORK else f"{type(exc).__name__}: {exc}"
+        self.connection.failed(kind, detail)
 
     async def stop(self) -> None:
         client, self._client = self._client, None
@@ -137,15 +153,21 @@ class RedisSink:
     def is_connected(self) -> bool:
         return self._client is not None and self._connected
 
+    def destination(self, row: OutboxRow) -> tuple[str, int | None]:
+        """The stream (a shard of the topic's when OUTBOX_REDIS_SHARDS says so); no partition."""
+        return stream_name(row, self._settings.redis_shards), None
+
     async def probe(self) -> bool:
         client = self._client
         if client is None:
             return False
         try:
             await client.ping()
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            self._connect_failed(exc)
             return False
         self._connected = True
+        self.connection.connected()
         return True
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
@@ -159,6 +181,8 @@ class RedisSink:
                 results = await self._publish_pipelined(client, rows)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._connected = False
+            if redis_connect_failure(exc) is not ConnectFailure.NETWORK:
+                self._connect_failed(exc)
             raise SinkUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
         self._connected = True
         return results
@@ -229,6 +253,26 @@ class RedisSink:
         for row, reason in letters:
             pipe.xadd(f"{row.topic}.dlq", stream_fields(row) | {"dead-letter-reason": reason})  # type: ignore[arg-type]
         await pipe.execute()
+
+
+def redis_connect_failure(exc: BaseException) -> ConnectFailure:
+    """The kind of a failed connection to Redis (see relay.sinks.base.ConnectFailure)."""
+    if is_tls_error(exc):
+        return ConnectFailure.TLS
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return ConnectFailure.AUTHENTICATION
+    if isinstance(exc, ResponseError):
+        # NOAUTH, WRONGPASS and "AUTH ... without any password configured" are the credentials';
+        # an unknown command (HELLO, CLIENT) on a server too old for the client is unsupported.
+        text = str(exc).upper()
+        if any(word in text for word in ("NOAUTH", "WRONGPASS", "AUTH", "NOPERM")):
+            return ConnectFailure.AUTHENTICATION
+        if "UNKNOWN COMMAND" in text:
+            return ConnectFailure.UNSUPPORTED
+        return ConnectFailure.OTHER
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError):
+        return ConnectFailure.NETWORK
+    return ConnectFailure.OTHER
 
 
 def _reply_error(message: str) -> PublishResult:

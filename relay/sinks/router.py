@@ -74,6 +74,13 @@ class Router:
                 self._cache[topic] = kind
         return kind
 
+    def destination(self, row: OutboxRow) -> tuple[str, str, int | None]:
+        """Where `row` goes, for its span: the sink kind, the destination's name and its partition
+        (None when unknown: a keyless event, a topic whose metadata has not arrived)."""
+        kind = self.sink_kind_for(row.topic)
+        name, partition = self._sinks[kind].destination(row)
+        return kind.value, name, partition
+
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
         """Publishes each row to its sink, sinks in parallel; one result per row, in order. Rows
         whose sink or topic is backing off from an outage are not sent (UNAVAILABLE at once)."""

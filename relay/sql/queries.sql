@@ -185,6 +185,54 @@ DELETE FROM {schema}.pauses WHERE expires_at IS NOT NULL AND expires_at <= now()
 DELETE FROM {schema}.relay_instances
 WHERE heartbeat_at < now() - interval '1 day';
 
+-- retention_audit --
+-- Deletes at most $2 audit_log rows older than $1 seconds, oldest first (audit_log_at_idx).
+DELETE FROM {schema}.audit_log
+WHERE id IN (
+    SELECT id FROM {schema}.audit_log
+    WHERE at < now() - make_interval(secs => $1)
+    ORDER BY at
+    LIMIT $2);
+
+-- retention_replay_log --
+-- Deletes at most $2 replay_log rows older than $1 seconds whose dead letter is gone (expired or
+-- purged). While the dead letter exists its replay_log rows stay: they are what stops a second
+-- unforced replay of it (replay_once_idx).
+DELETE FROM {schema}.replay_log
+WHERE id IN (
+    SELECT r.id FROM {schema}.replay_log r
+    WHERE r.replayed_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.dead_letter_archive d WHERE d.id = r.dead_letter_id)
+    ORDER BY r.replayed_at
+    LIMIT $2);
+
+-- retention_replay_requests --
+-- Deletes at most $2 replay request records (the answers kept for request-id retries) older than $1 s.
+DELETE FROM {schema}.replay_requests
+WHERE request_id IN (
+    SELECT request_id FROM {schema}.replay_requests
+    WHERE created_at < now() - make_interval(secs => $1)
+    ORDER BY created_at
+    LIMIT $2);
+
+-- retention_dead_letters --
+-- Deletes at most $2 dead letters archived more than $1 seconds ago, except those being replayed:
+-- a replay whose new outbox row is not yet published (replay_log.new_message_id). A replay running
+-- at this very moment read its dead letters already: its new events are written whatever happens
+-- here, and its replay_log rows, orphaned, go with retention_replay_log later.
+-- No FOR UPDATE in these subqueries: it needs UPDATE privilege, and only the leader deletes.
+DELETE FROM {schema}.dead_letter_archive
+WHERE id IN (
+    SELECT d.id FROM {schema}.dead_letter_archive d
+    WHERE d.archived_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (
+          SELECT 1
+          FROM {schema}.replay_log r
+          JOIN {schema}.outbox o ON o.message_id = r.new_message_id
+          WHERE r.dead_letter_id = d.id AND o.published_at IS NULL)
+    ORDER BY d.archived_at
+    LIMIT $2);
+
 -- backlog_by_topic --
 SELECT topic, count(*)::bigint AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age

@@ -268,6 +268,38 @@ RELAY_CASES = [
     *(Case(f"{cmd[0]}-malformed-url-{name}", cmd, lambda w, url=url: {"OUTBOX_DATABASE_URL": url},
            ("OUTBOX_DATABASE_URL",), 2)
       for name, url in MALFORMED_URLS.items() for cmd in (RUN, CONTROL, MIGRATE)),
+    # secrets from files (`<VAR>_FILE`) and from OUTBOX_SECRETS_DIR, read by every command
+    *(Case(f"{cmd[0]}-database-url-and-url-file", cmd,
+           lambda w: {"OUTBOX_DATABASE_URL_FILE": _write(w.tmp / "db-url", _url(w.closed_port))},
+           ("OUTBOX_DATABASE_URL", "OUTBOX_DATABASE_URL_FILE"), 2)
+      for cmd in (RUN, CONTROL, MIGRATE)),
+    *(Case(f"{cmd[0]}-missing-database-url-file", cmd,
+           lambda w: {"OUTBOX_DATABASE_URL": None, "OUTBOX_DATABASE_URL_FILE": str(w.tmp / "missing")},
+           ("OUTBOX_DATABASE_URL_FILE", "missing"), 2)
+      for cmd in (RUN, CONTROL, MIGRATE)),
+    *(Case(f"{cmd[0]}-unreachable-database-from-url-file", cmd,
+           lambda w: {"OUTBOX_DATABASE_URL": None,
+                      "OUTBOX_DATABASE_URL_FILE": _write(w.tmp / "db-url", _url(w.closed_port))})
+      for cmd in (RUN, CONTROL, MIGRATE)),
+    *(Case(f"{cmd[0]}-wrong-password-from-secrets-dir", cmd,
+           lambda w: {"OUTBOX_DATABASE_URL": None, "OUTBOX_SECRETS_DIR": _secrets_dir(w)},
+           ("password authentication failed",))
+      for cmd in (RUN, CONTROL, MIGRATE)),
+    *(Case(f"{cmd[0]}-secrets-dir-missing", cmd, lambda w: {"OUTBOX_SECRETS_DIR": str(w.tmp / "nowhere")},
+           ("OUTBOX_SECRETS_DIR",), 2)
+      for cmd in (RUN, CONTROL, MIGRATE)),
+    Case("run-sasl-password-and-file", RUN,
+         lambda w: {"OUTBOX_KAFKA_SASL_PASSWORD_FILE": _write(w.tmp / "sasl", SASL_PASSWORD.encode() + b"\n")},
+         ("OUTBOX_KAFKA_SASL_PASSWORD", "OUTBOX_KAFKA_SASL_PASSWORD_FILE"), 2),
+    Case("run-unreadable-redis-url-file", RUN,
+         lambda w: {"OUTBOX_REDIS_URL": None, "OUTBOX_REDIS_URL_FILE": str(w.tmp)},  # a directory
+         ("OUTBOX_REDIS_URL_FILE",), 2),
+    Case("control-rotated-admin-token-equals-read-token", CONTROL,
+         lambda w: {"OUTBOX_CONTROL_ADMIN_TOKENS": f"{FILE_TOKEN},{READ_TOKEN}"}, ("OUTBOX_CONTROL_READ_TOKEN",), 2),
+    Case("control-two-token-file-equals-read-token", CONTROL,
+         lambda w: {"OUTBOX_CONTROL_ADMIN_TOKEN": None,
+                    "OUTBOX_CONTROL_ADMIN_TOKEN_FILE": _write(w.tmp / "admins", f"{FILE_TOKEN}\n{READ_TOKEN}\n".encode())},
+         ("OUTBOX_CONTROL_READ_TOKEN",), 2),
     Case("migrate-bad-partitions", MIGRATE, lambda w: {"OUTBOX_PARTITIONS": "many"}, ("OUTBOX_PARTITIONS",)),
     # a database that is not there, or refuses the password (not configuration errors: no variable)
     Case("run-unreachable-database", RUN, lambda w: {}, ("OUTBOX_STARTUP_TIMEOUT",), 1),
@@ -290,6 +322,8 @@ CTL_CASES = [
          ("token_file",), 2),
     Case("outboxctl-token-with-spaces", ["status"], lambda w: {"OUTBOX_CONTROL_TOKEN": f"{CLI_TOKEN} {ADMIN_TOKEN}"},
          ("token",), 2),
+    Case("outboxctl-token-and-token-file-variables", ["status"],
+         lambda w: {"OUTBOX_CONTROL_TOKEN_FILE": str(w.token_file)}, ("OUTBOX_CONTROL_TOKEN_FILE",), 2),
     Case("outboxctl-bad-timeout", ["status"], lambda w: {"OUTBOX_CONTROL_TIMEOUT": "soon"}, ("timeout",), 2),
     Case("outboxctl-client-cert-without-key", ["status"],
          lambda w: {"OUTBOX_CONTROL_CLIENT_CERT": str(w.token_file)}, ("CLIENT_KEY",), 2),
@@ -302,6 +336,18 @@ CTL_CASES = [
 def _write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+def _url(port: int) -> bytes:
+    return f"postgresql://app:{DB_PASSWORD}@127.0.0.1:{port}/app\n".encode()
+
+
+def _secrets_dir(world: World) -> str:
+    """A secrets directory (one file per variable) whose database URL's password the server rejects."""
+    directory = world.tmp / "secrets"
+    directory.mkdir(exist_ok=True)
+    _write(directory / "OUTBOX_DATABASE_URL", _url(world.rejecting_port))
+    return str(directory)
 
 
 @pytest.fixture

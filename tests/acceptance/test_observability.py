@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
+PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 OBSERVABILITY = ROOT / "docs" / "observability.md"
 
@@ -67,6 +68,26 @@ EXPECTED_FAMILIES = {
     "outbox_partitions_held",
     "outbox_leader",
     "outbox_live_instances",
+    "outbox_build_info",
+    "outbox_partitions",
+    "outbox_sink_connected",
+    "outbox_sink_connect_failures_total",
+}
+# The control plane's metrics (on the relay's /metrics when it runs inside `run`).
+CONTROL_FAMILIES = {
+    "outbox_control_calls_total",
+    "outbox_control_call_duration_seconds",
+    "outbox_replays_total",
+    "outbox_replay_duplicates_skipped_total",
+}
+# Process metrics (prometheus_client's collectors), beside the relay's own.
+PROCESS_FAMILIES = {
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+    "python_info",
 }
 PARTITIONS = 16
 
@@ -252,7 +273,9 @@ def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_datasource_variabl
         variables = {v["name"]: v for v in dashboard["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
-        assert variables["instance"]["type"] == "query"
+        for name in ("schema", "database", "relay_instance", "topic"):
+            assert variables[name]["type"] == "query", name
+        assert "instance" not in variables, "Prometheus's own target label; the relay's is relay_instance"
         panels = [p for p in _walk_panels(dashboard["panels"]) if p["type"] != "row"]
         assert len({p["id"] for p in _walk_panels(dashboard["panels"])}) == len(
             list(_walk_panels(dashboard["panels"]))
@@ -263,6 +286,9 @@ def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_datasource_variabl
             for target in panel["targets"]:
                 assert target["datasource"]["uid"] == "${datasource}", panel["title"]
                 assert METRIC_NAME.search(target["expr"]), (panel["title"], target["expr"])
+                # Every panel shows the chosen fleet only, and no query uses the clashing label.
+                assert 'schema=~"$schema"' in target["expr"], (panel["title"], target["expr"])
+                assert not re.search(r"(?<![a-z_])instance=~", target["expr"]), target["expr"]
     assert set(used_families()) >= EXPECTED_FAMILIES, EXPECTED_FAMILIES - set(used_families())
 
 
@@ -289,8 +315,29 @@ def test_every_alert_has_a_runbook_section_and_annotations() -> None:
 
 def test_every_metric_used_or_exported_is_documented() -> None:
     documented = OBSERVABILITY.read_text()
-    for name in set(used_families()) | EXPECTED_FAMILIES:
+    for name in set(used_families()) | EXPECTED_FAMILIES | CONTROL_FAMILIES | PROCESS_FAMILIES:
         assert f"`{name}`" in documented, f"{name} is not described in docs/observability.md"
+
+
+def test_no_alert_aggregates_by_the_clashing_instance_label_and_every_one_is_per_fleet() -> None:
+    for name, block in alert_rules(ALERTS.read_text()).items():
+        (expr,) = alert_expressions("- alert: " + block)
+        assert not re.search(r"\binstance\b", expr.replace("relay_instance", "")), (name, expr)
+        for clause in re.findall(r"\b(?:by|on) \(([^)]*)\)", expr):
+            labels = {label.strip() for label in clause.split(",")}
+            assert {"schema", "database"} <= labels, f"{name}: `{clause}` must keep the fleet labels"
+
+
+def test_the_prometheus_rule_holds_the_same_groups_as_alerts_yml() -> None:
+    yaml = pytest.importorskip("yaml")
+    rule = yaml.safe_load(PROMETHEUS_RULE.read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], (
+        "copy the groups of deploy/prometheus/alerts.yml into deploy/kubernetes/prometheusrule.yaml"
+    )
+    kustomization = (PROMETHEUS_RULE.parent / "kustomization.yaml").read_text()
+    assert "prometheusrule.yaml" in kustomization
+    assert {"OutboxPartitionsUnowned", "OutboxPublishLatencySLO"} <= set(alert_rules(ALERTS.read_text()))
 
 
 def test_the_outboxctl_commands_in_the_runbook_exist() -> None:
@@ -338,6 +385,30 @@ async def test_a_relay_exports_every_metric_the_dashboard_and_alerts_use(
 
     # Health, before any traffic: every sink is connected from the start.
     ready = await wait_ready(relay, port)
+    # Before any traffic too: the series alerts and panels rely on exist, at 0, not "No data".
+    before = await scrape(port)
+    ours = {"schema": fleet.schema, "database": urlsplit(fleet.database_url).path.strip("/")}
+    assert ours["database"], "the fleet database URL names its database"
+    for kind in ("broker_unavailable", "publish_timeout", "unknown_topic", "publish_failed"):
+        assert values(before, "outbox_publish_failures_total", kind=kind, relay_instance="relay-0") == [0.0]
+    for change in ("lost", "acquire_failed"):
+        assert values(before, "outbox_lease_changes_total", change=change, **ours) == [0.0], change
+    for sink in ("kafka", "redis"):
+        assert values(before, "outbox_sink_connected", sink=sink, relay_instance="relay-0", **ours) == [1.0]
+        for kind in ("network", "authentication", "tls", "unsupported", "other"):
+            assert values(before, "outbox_sink_connect_failures_total", sink=sink, kind=kind, **ours) == [0.0]
+    (build,) = [s for s in before if s.name == "outbox_build_info"]
+    assert build.value == 1.0 and build.labels["relay_instance"] == "relay-0"
+    assert {"version", "python", "schema", "database"} <= build.labels.keys(), build.labels
+    assert values(before, "outbox_partitions", **ours) == [float(PARTITIONS)]
+    assert families(before) >= PROCESS_FAMILIES, PROCESS_FAMILIES - families(before)
+    assert values(before, "process_resident_memory_bytes")[0] > 1_000_000
+    assert values(before, "process_open_fds")[0] > 0
+    # No series carries the label Prometheus sets itself, and none a password or a host.
+    assert not [s for s in before if "instance" in s.labels], [s for s in before if "instance" in s.labels][:3]
+    relay_series = [s for s in before if s.name.startswith("outbox_")]
+    assert all(s.labels.get("schema") == ours["schema"] for s in relay_series), relay_series[:3]
+    assert not [s for s in relay_series if "127.0.0.1" in str(s.labels) or "@" in str(s.labels)]
     assert json.loads(ready.body) == {
         "database": True,
         "schema": True,
@@ -403,8 +474,8 @@ async def test_a_relay_exports_every_metric_the_dashboard_and_alerts_use(
     assert not missing, f"used in deploy/ but not exported by a relay: {missing}"
 
     # The values behind the panels and alerts are the expected ones.
-    assert sum(values(samples, "outbox_events_published_total", sink="kafka", instance="relay-0")) > 0
-    assert sum(values(samples, "outbox_events_published_total", sink="redis", instance="relay-0")) > 0
+    assert sum(values(samples, "outbox_events_published_total", sink="kafka", relay_instance="relay-0")) > 0
+    assert sum(values(samples, "outbox_events_published_total", sink="redis", relay_instance="relay-0")) > 0
     assert values(
         samples, "outbox_events_dead_lettered_total", reason="payload_too_large", topic=topics["kafka"]
     )
@@ -415,9 +486,9 @@ async def test_a_relay_exports_every_metric_the_dashboard_and_alerts_use(
     assert values(samples, "outbox_pending_events", topic=held) == [1.0]
     assert values(samples, "outbox_oldest_pending_age_seconds", topic=held)[0] > 0
     assert values(samples, "outbox_paused", pattern=held) == [1.0]
-    assert values(samples, "outbox_partitions_held", instance="relay-0") == [float(PARTITIONS)]
-    assert values(samples, "outbox_leader", instance="relay-0") == [1.0]
-    assert values(samples, "outbox_live_instances", instance="relay-0") == [1.0]
+    assert values(samples, "outbox_partitions_held", relay_instance="relay-0") == [float(PARTITIONS)]
+    assert values(samples, "outbox_leader", relay_instance="relay-0") == [1.0]
+    assert values(samples, "outbox_live_instances", relay_instance="relay-0") == [1.0]
     assert values(samples, "outbox_lease_changes_total", change="acquired") == [float(PARTITIONS)]
     latency_count = sum(values(samples, "outbox_commit_to_ack_latency_seconds_count"))
     assert latency_count == sum(values(samples, "outbox_events_published_total"))
@@ -540,3 +611,48 @@ async def test_no_password_reaches_the_output_while_a_sink_keeps_failing(
     assert secrets["database"] not in failed.log(), failed.log()[-2000:]
     assert "relay failed" in failed.log(), failed.log()[-2000:]
     assert "database not reachable" in failed.log(), failed.log()[-2000:]
+
+
+@pytest.mark.slow
+async def test_a_sink_refusing_the_credentials_is_reported_on_readyz_in_metrics_and_the_log(
+    stack: StackEndpoints, fleet: Fleet
+) -> None:
+    password, user = f"wrong-{uuid.uuid4().hex[:8]}", f"relay{uuid.uuid4().hex[:6]}"
+    admin = aioredis.from_url(stack.redis_url)
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">the-right-one", "~*", "+@all")
+    host_port = stack.redis_url.split("://", 1)[1].split("/", 1)[0]
+    port = free_port()
+    relay = fleet.spawn(
+        "relay-auth",
+        OUTBOX_REDIS_URL=f"redis://{user}:{password}@{host_port}/0",
+        OUTBOX_METRICS_ADDR=f"127.0.0.1:{port}",
+    )
+    try:
+        seen: list[dict[str, Any]] = []
+
+        async def reported() -> bool:
+            assert relay.alive(), relay.log()[-3000:]
+            response = await get(port, "/readyz")
+            if response is None or response.status != 503:
+                return False
+            seen[:] = [json.loads(response.body)]
+            return bool(seen[0]["database"] and seen[0].get("sink_kafka"))
+
+        await wait_until(reported, 60, what="/readyz to name the failing sink")
+        reason = seen[0]["reasons"]["sink_redis"]
+        assert reason.startswith("cannot connect: authentication: "), reason
+        samples = await scrape(port)
+        assert values(samples, "outbox_sink_connect_failures_total", sink="redis", kind="authentication")[0] >= 1
+        assert values(samples, "outbox_sink_connected", sink="redis") == [0.0]
+        assert values(samples, "outbox_sink_connected", sink="kafka") == [1.0]
+        assert await stop(relay) == 0
+        errors = [e for e in json_lines(relay.log()) if e["level"] == "error"]
+        assert any(e["msg"].startswith("cannot connect to redis") for e in errors), errors
+        assert any(e.get("connect_failure") == "authentication" for e in errors), errors
+        assert password not in relay.log() and password not in reason
+    finally:
+        if relay.alive():
+            relay.signal(signal.SIGTERM)
+            await asyncio.to_thread(relay.wait, 30)
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()

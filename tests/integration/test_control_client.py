@@ -645,7 +645,10 @@ async def test_config_from_environment_and_token_file(
         with pytest.raises(PermissionDenied):
             await from_env.resume()
 
-    monkeypatch.setenv("OUTBOX_CONTROL_TOKEN", ADMIN_TOKEN)  # the token wins over the token file
+    monkeypatch.setenv("OUTBOX_CONTROL_TOKEN", ADMIN_TOKEN)
+    with pytest.raises(InvalidArgument, match="OUTBOX_CONTROL_TOKEN_FILE"):  # both: a leftover, refused
+        AsyncControlClient()
+    monkeypatch.delenv("OUTBOX_CONTROL_TOKEN_FILE")
     monkeypatch.setenv("OUTBOX_CONTROL_OPERATOR", "env-operator")
     async with AsyncControlClient() as admin:
         assert (await admin.pause(reason="r")).paused_by == "admin:env-operator"

@@ -20,13 +20,18 @@ from relay.config import RelaySettings
 from relay.service import RelayService
 
 
-async def main(database_url: str, schema: str, kafka: str, topic: str) -> None:
+async def main(database_url: str, schema: str, kafka: str, redis_url: str, topic: str) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     settings = RelaySettings(
-        database_url=SecretStr(database_url), schema_name=schema, kafka_bootstrap=kafka, lease_ttl=3
+        database_url=SecretStr(database_url),
+        schema_name=schema,
+        kafka_bootstrap=kafka,
+        redis_url=SecretStr(redis_url),
+        routes=f"{topic}.stream=redis",
+        lease_ttl=3,
     )
     service = RelayService(settings)
     await service.start()
@@ -34,6 +39,7 @@ async def main(database_url: str, schema: str, kafka: str, topic: str) -> None:
     with trace.get_tracer("app").start_as_current_span("place order") as writer_span:
         async with conn.transaction():
             await aenqueue(conn, topic, {"order": 1}, key="order-1", schema=schema)
+            await aenqueue(conn, f"{topic}.stream", {"order": 1}, key="order-1", schema=schema)
     writer = writer_span.get_span_context()
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=kafka, auto_offset_reset="earliest", fetch_max_wait_ms=20
@@ -41,6 +47,11 @@ async def main(database_url: str, schema: str, kafka: str, topic: str) -> None:
     await consumer.start()
     record = await asyncio.wait_for(consumer.getone(), 30)
     await consumer.stop()
+    # Both events' spans end once settled: wait for them (the Redis one may trail the Kafka one).
+    for _ in range(600):
+        if sum(s.name.startswith("send ") for s in exporter.get_finished_spans()) >= 2:
+            break
+        await asyncio.sleep(0.05)
     await service.stop()
     await conn.close()
     spans = [
@@ -54,6 +65,7 @@ async def main(database_url: str, schema: str, kafka: str, topic: str) -> None:
                 for link in s.links
             ],
             "kind": s.kind.name,
+            "attributes": dict(s.attributes or {}),
         }
         for s in exporter.get_finished_spans()
     ]
@@ -63,6 +75,8 @@ async def main(database_url: str, schema: str, kafka: str, topic: str) -> None:
                 "writer": format(writer.trace_id, "032x") + "-" + format(writer.span_id, "016x"),
                 "spans": spans,
                 "headers": {k: v.decode() for k, v in record.headers},
+                "partition": record.partition,
+                "message_id": dict(record.headers)["message-id"].decode(),
             }
         )
     )

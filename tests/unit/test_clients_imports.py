@@ -41,3 +41,19 @@ def test_control_names_still_resolve_from_clients() -> None:
         "assert set(clients.__all__) <= set(dir(clients))\n"
     )
     assert "grpc" in modules
+
+
+def test_the_writer_and_leases_load_only_the_standard_library() -> None:
+    """An application that only writes events installs the base package (no dependencies): importing
+    what it uses may load nothing beyond the standard library (its own driver it imports itself)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    probe = (
+        "import json, sys\nbaseline = set(sys.modules)\n"
+        "import clients, clients.writer, clients.leases\n"
+        "from clients import enqueue, aenqueue, enqueue_many, OutboxEvent, lease, lease_sync\n"
+        "print(json.dumps(sorted(set(sys.modules) - baseline)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+    loaded: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    foreign = [m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "clients"]
+    assert foreign == []

@@ -23,11 +23,13 @@ from control.server import ControlSettings
 from relay.cli import app
 from relay.config import DatabaseSettings, RelaySettings, SettleMode, SinkKind
 from relay.shared.redaction import redact
+from relay.shared.secret_files import SECRETS_DIR_VARIABLE, secret_variables
 from relay.sinks.router import Route, Router, parse_routes
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-# Variables the docs may name that are not settings fields (CLI options read from the environment).
-NON_FIELD_VARIABLES = {"OUTBOX_LOG_LEVEL"}
+# Variables the docs may name that are not settings fields (CLI options read from the environment, and
+# where secrets may come from: relay.shared.secret_files).
+NON_FIELD_VARIABLES = {"OUTBOX_LOG_LEVEL", SECRETS_DIR_VARIABLE}
 # The server-side settings, each with the command whose default the docs must give for it.
 SETTINGS_CLASSES: list[tuple[type[BaseSettings], str]] = [
     (DatabaseSettings, "migrate"),
@@ -179,9 +181,23 @@ def test_control_addr_is_one_variable_for_run_and_control() -> None:
     )
 
 
+def secret_file_variables() -> set[str]:
+    """`<VAR>_FILE` of every secret setting (relay.shared.secret_files; the tokens' are fields)."""
+    return {f"{v}_FILE" for settings_class, _ in SETTINGS_CLASSES for v in secret_variables(settings_class).values()}
+
+
 def test_the_docs_name_no_variable_that_does_not_exist() -> None:
     named = set(re.findall(r"\bOUTBOX_[A-Z0-9_]*[A-Z0-9]\b", DOCS.read_text(encoding="utf-8")))
-    assert named - known_variables() - NON_FIELD_VARIABLES - set(CLIENT_VARIABLES) == set()
+    unknown = named - known_variables() - NON_FIELD_VARIABLES - set(CLIENT_VARIABLES) - secret_file_variables()
+    assert unknown == set()
+
+
+def test_the_docs_name_every_secret_file_variable() -> None:
+    named = set(re.findall(r"\bOUTBOX_[A-Z0-9_]*[A-Z0-9]\b", DOCS.read_text(encoding="utf-8")))
+    expected = {"OUTBOX_DATABASE_URL_FILE", "OUTBOX_REDIS_URL_FILE", "OUTBOX_KAFKA_SASL_PASSWORD_FILE"}
+    assert expected <= secret_file_variables()
+    assert secret_file_variables() - named == set()
+    assert SECRETS_DIR_VARIABLE in named
 
 
 @pytest.mark.parametrize("client", [False, True], ids=["server", "client"])

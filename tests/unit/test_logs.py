@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from relay.logs import ConsoleFormatter, JsonFormatter, setup_logging
 
@@ -230,3 +232,27 @@ def test_setup_logging_writes_console_lines_on_a_terminal(monkeypatch: pytest.Mo
     assert "relay.service: relay started via redis://:***@redis.internal:6379/0" in text
     with pytest.raises(ValueError):
         json.loads(text)
+
+
+# --- trace context ----------------------------------------------------------------------------------
+
+TRACE_ID, SPAN_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+
+
+def in_span() -> Any:
+    context = SpanContext(TRACE_ID, SPAN_ID, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.use_span(NonRecordingSpan(context))
+
+
+def test_a_line_logged_inside_a_span_carries_its_trace_and_span_ids() -> None:
+    with in_span():
+        entry = json.loads(JsonFormatter().format(record("publishing")))
+        line = ConsoleFormatter().format(record("publishing"))
+    assert (entry["trace_id"], entry["span_id"]) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    assert "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id=00f067aa0ba902b7" in line
+
+
+def test_a_line_logged_outside_any_span_has_no_trace_fields() -> None:
+    entry = json.loads(JsonFormatter().format(record("idle")))
+    assert "trace_id" not in entry and "span_id" not in entry
+    assert "trace_id" not in ConsoleFormatter().format(record("idle"))
