@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--reps N] [--only scenario[,scenario]] [--out DIR]`."""
+"""`python -m bench [--quick] [--reps N] [--only scenario[,scenario]] [--peers] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.plan import SCENARIOS, Plan, needed_ceilings, parse_only
+from bench.plan import PEERS, SCENARIOS, Plan, needed_ceilings, parse_only
 from bench.report import Results, describe_machine, format_value, write_results
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -25,28 +25,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="small sizes: a smoke test, not figures to quote"
     )
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (the median is reported)")
-    parser.add_argument("--only", help=f"comma-separated scenarios among: {', '.join(SCENARIOS)}")
+    parser.add_argument("--only", help=f"comma-separated scenarios among: {', '.join((*SCENARIOS, PEERS))}")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run txoutbox, faststream-outbox and omni-box (installed into .venv-peers) beside the relay",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be at least 1")
     try:
-        args.scenarios = parse_only(args.only)
+        args.scenarios = parse_only(args.only, args.peers)
     except ValueError as exc:
         parser.error(str(exc))
     return args
 
 
 def results_stem(started: datetime, scenarios: tuple[str, ...], quick: bool) -> str:
-    """`2026-11-25` for a full run; partial and quick runs get a suffix so they never overwrite it."""
+    """`2026-11-25` for a full run (with or without the peers); partial and quick runs get a suffix so
+    they never overwrite it."""
     stem = started.strftime("%Y-%m-%d")
-    if scenarios != SCENARIOS:
+    if tuple(s for s in scenarios if s != PEERS) != SCENARIOS:
         stem += "-" + "-".join(scenarios)
     return stem + ("-quick" if quick else "")
 
 
 async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
     from bench import scenarios as sc
+    from bench.peers.scenario import run_peers
     from bench.stack import Servers, machine_cpu, own_cpu, server_version
 
     machine0, own0, began = machine_cpu(), own_cpu(), time.monotonic()
@@ -70,6 +77,7 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
             ("memory", lambda: sc.run_memory(servers, plan, results)),
             ("memory_large", lambda: sc.run_memory_large(servers, plan, results)),
             ("dbcost", lambda: sc.run_dbcost(servers, plan, results)),
+            (PEERS, lambda: run_peers(servers, plan, results)),
         ]
         for name, step in steps:
             if name != "ceilings" and name not in scenarios:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCENARIOS = ("ceilings", "drain", "latency", "keepup", "memory", "memory_large", "dbcost")
+# Not part of a default run (it installs the peers into their own venv): --peers or --only peers.
+PEERS = "peers"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class Plan:
     redis_chunk: int = 2000  # raw XADD: pipeline depth
     pg_drain_batch: int = 500  # the relay's default OUTBOX_BATCH_SIZE
     pg_drain_loops: int = 4
+    peers_backlog: int = 50_000  # events per peer backlog drain
+    peers_rate: int = 500  # single-event commits/s in the peers' latency runs
+    peers_latency_seconds: float = 20.0
+    peers_timeout: float = 600.0  # seconds the consumer waits for a drain's last event
 
     @classmethod
     def full(cls, reps: int = 3) -> Plan:
@@ -46,6 +52,9 @@ class Plan:
             large_backlog=2_000,  # 500 MiB
             dbcost_rows=5_000,
             writer_seconds=1.5,
+            peers_backlog=5_000,
+            peers_latency_seconds=5.0,
+            peers_timeout=180.0,
         )
 
     @property
@@ -65,6 +74,7 @@ def needed_ceilings(scenarios: tuple[str, ...]) -> set[str]:
         "memory_large": set(),
         "dbcost": set(),
         "latency": set(),
+        PEERS: set(),
     }
     out: set[str] = set()
     for name in scenarios:
@@ -72,12 +82,17 @@ def needed_ceilings(scenarios: tuple[str, ...]) -> set[str]:
     return out
 
 
-def parse_only(value: str | None) -> tuple[str, ...]:
-    """`--only drain,latency` -> ("drain", "latency"); None -> every scenario."""
+def parse_only(value: str | None, peers: bool = False) -> tuple[str, ...]:
+    """`--only drain,latency` -> ("drain", "latency"); None -> every scenario; `peers` (--peers) adds
+    the peers scenario."""
     if not value:
-        return SCENARIOS
-    names = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+        names = SCENARIOS
+    else:
+        names = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+        known = (*SCENARIOS, PEERS)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if peers and PEERS not in names:
+        names = (*names, PEERS)
     return names

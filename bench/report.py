@@ -20,7 +20,20 @@ SECTIONS = {
     "memory": "4. Memory of one relay process",
     "memory_large": "4b. Memory with large events (the byte budgets)",
     "dbcost": "5. Database cost",
+    "peers": "6. Other outbox relays, same workload, same run",
 }
+# The side-by-side table of the peers section: (column title, figure suffix after `peers.<relay>.`).
+PEER_COLUMNS = (
+    ("backlog drain (events/s)", "drain.events_per_s"),
+    ("p50 (ms)", "latency.p50_ms"),
+    ("p99 (ms)", "latency.p99_ms"),
+    ("max (ms)", "latency.max_ms"),
+    ("CPU per 1k, drain (ms)", "drain.cpu_ms_per_1k"),
+    ("CPU per 1k, latency (ms)", "latency.cpu_ms_per_1k"),
+    ("lost", "lost"),
+    ("duplicates", "duplicates"),
+    ("order violations", "order_violations"),
+)
 LIBRARIES = (
     "outbox-relay",
     "asyncpg",
@@ -114,6 +127,8 @@ class Results:
     errors: list[str] = field(default_factory=list)
     # run label -> time_bins() rows, for the latency plot
     series: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    # relay -> "version; settings" for the peers section (ours first)
+    peers: dict[str, str] = field(default_factory=dict)
     finished: datetime | None = None
     echo: Callable[[str], None] | None = print
 
@@ -196,6 +211,29 @@ def describe_machine(servers: Mapping[str, str]) -> dict[str, str]:
 # --- rendering --------------------------------------------------------------------------------------
 
 
+def peers_table(results: Results) -> list[str]:
+    """Markdown lines: one row per relay of the peers section, its figures side by side, then each
+    relay's version and settings."""
+    names = list(results.peers) or sorted(
+        {f.name.split(".")[1] for f in results.figures if f.section == "peers" and ".vs." not in f.name}
+    )
+    rows = []
+    for name in names:
+        cells = []
+        for _, suffix in PEER_COLUMNS:
+            figure = results.get(f"peers.{name}.{suffix}")
+            cells.append(format_value(figure.value) if figure is not None else "n/a")
+        if any(cell != "n/a" for cell in cells):
+            rows.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    lines = ["| relay | " + " | ".join(title for title, _ in PEER_COLUMNS) + " |"]
+    lines.append("|---|" + "---:|" * len(PEER_COLUMNS))
+    lines += [*rows, ""]
+    lines += [f"- **{_cell(name)}** {_cell(text)}" for name, text in results.peers.items()]
+    return [*lines, ""] if results.peers else lines
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -226,6 +264,8 @@ def render_markdown(results: Results, plot_name: str | None = None) -> str:
         if not figures and prefix not in results.notes:
             continue
         lines += [f"## {title}", ""]
+        if prefix == "peers":
+            lines += peers_table(results)
         if figures:
             lines += ["| figure | value | unit | bar | | repetitions |", "|---|---:|---|---|---|---|"]
             for f in figures:

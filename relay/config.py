@@ -164,7 +164,9 @@ class RelaySettings(DatabaseSettings):
     kafka_compression: KafkaCompression | None = Field(
         None, description="none, gzip, snappy, lz4 or zstd; unset: none."
     )
-    kafka_linger_ms: int = Field(5, ge=0, description="Milliseconds a record batch stays open for more rows.")
+    kafka_linger_ms: int = Field(
+        0, ge=0, description="Milliseconds a batch may wait for more rows while others are in flight."
+    )
     kafka_max_request_size: int = Field(1_048_576, ge=1024)
     kafka_idempotence: bool = Field(False, description="Idempotent producer (the embedded broker lacks it).")
     kafka_security_protocol: KafkaSecurityProtocol = Field(

@@ -125,7 +125,7 @@ class KafkaSink:
                 await asyncio.sleep(delay)
                 continue
             self._producer = producer
-            self._batches = SharedBatches(producer)
+            self._batches = SharedBatches(producer, self._settings.kafka_linger_ms)
             self._reachable = True
             self.connect_error = None
             self.connection.connected()

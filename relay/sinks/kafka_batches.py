@@ -7,13 +7,17 @@ publishing at the same moment appends to the same batch, so a produce request st
 everything that is waiting, as the producer's own accumulator would.
 
 Per topic-partition the batches form a chain: a batch is handed to the producer only once the one
-before it was acknowledged, and stays open for more rows until then (so batches grow under load and
-go at once when nothing is in flight). If a batch fails, the batch queued behind it is not sent at
-all but fails with `PredecessorFailed`: an event that was acknowledged while an earlier event of its
-key failed would be out of order for good. Nothing is lost by that: the rows stay in the outbox and
-go again, behind the earlier ones. (aiokafka would otherwise queue every batch of a partition and
-time out the later ones independently of the earlier ones, which is how slow acknowledgements of
-large events broke per-key order.)"""
+before it was acknowledged, and stays open for more rows until then. If a batch fails, the batch
+queued behind it is not sent at all but fails with `PredecessorFailed`: an event that was
+acknowledged while an earlier event of its key failed would be out of order for good. Nothing is
+lost by that: the rows stay in the outbox and go again, behind the earlier ones. (aiokafka would
+otherwise queue every batch of a partition and time out the later ones independently of the earlier
+ones, which is how slow acknowledgements of large events broke per-key order.)
+
+Batching happens only under load (`HandOver`): a batch with nothing in flight before it goes at
+once, so a lone event waits for no timer; a batch grows while a send is outstanding, its
+predecessor in the chain or, in the producer, the request in flight to its broker (aiokafka sends
+one request per broker at a time and drains every batch waiting for that broker into the next)."""
 
 from __future__ import annotations
 
@@ -53,6 +57,27 @@ class PredecessorFailed(Exception):
     """The batch before this one in its topic-partition failed, so this one was not sent."""
 
 
+class HandOver:
+    """Whether a batch is closed as it is handed to the producer (then the producer sends it as soon
+    as its broker connection is free) or left open to linger there for more rows.
+
+    With no linger (the default) nothing is ever closed early: the producer lingers for nothing, and
+    an open batch keeps taking rows while the request before it to the same broker is in flight.
+    With a linger, only a lone batch handed over while the producer already has batches in flight
+    lingers (the load the linger is for); a batch with nothing in flight before it, or one that
+    gathered rows while its predecessor in the chain was in flight, goes at once."""
+
+    __slots__ = ("linger_ms",)
+
+    def __init__(self, linger_ms: int) -> None:
+        self.linger_ms = linger_ms
+
+    def close_at_handover(self, *, chained: bool, producer_busy: bool) -> bool:
+        if self.linger_ms <= 0:
+            return False
+        return chained or not producer_busy
+
+
 class OpenBatch:
     """One record batch and the task that hands it to the producer and waits for its acknowledgement."""
 
@@ -71,8 +96,10 @@ class OpenBatch:
 class SharedBatches:
     """The open batch of each topic-partition, for one producer."""
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, linger_ms: int = 0) -> None:
         self._producer = producer
+        self._handover = HandOver(linger_ms)
+        self._in_flight = 0  # batches handed to the producer and not yet acknowledged
         self._open: dict[tuple[str, int], OpenBatch] = {}
         self._newest: dict[tuple[str, int], asyncio.Task[Any]] = {}  # the chain's last delivery
 
@@ -124,11 +151,14 @@ class SharedBatches:
             await asyncio.wait({after})
             if after.cancelled() or after.exception() is not None:
                 raise PredecessorFailed(f"an earlier record batch of {topic}[{partition}] failed")
-            # It gathered rows for as long as its predecessor was in flight: lingering longer in
-            # the producer would only add latency (a closed batch is sent at once).
+        if self._handover.close_at_handover(chained=after is not None, producer_busy=self._in_flight > 0):
             builder.close()
-        acknowledged = await self._producer.send_batch(builder, topic, partition=partition)
-        return await acknowledged
+        self._in_flight += 1
+        try:
+            acknowledged = await self._producer.send_batch(builder, topic, partition=partition)
+            return await acknowledged
+        finally:
+            self._in_flight -= 1
 
     def _forget(self, tp: tuple[str, int], batch: OpenBatch) -> None:
         if self._open.get(tp) is batch:

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome
 from relay.sinks.kafka import KafkaSink
-from relay.sinks.kafka_batches import KeyPartitioner, SharedBatches
+from relay.sinks.kafka_batches import HandOver, KeyPartitioner, PredecessorFailed, SharedBatches
 
 BROKER_LIMIT = 1000  # bytes per record this fake broker accepts; the relay's own limit is higher
 
@@ -36,6 +36,9 @@ class FakeBuilder:
 
     def record_count(self) -> int:
         return len(self.records)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FakeProducer:
@@ -118,3 +121,122 @@ def test_keyless_records_go_to_a_partition_with_a_leader() -> None:
     partitioner = KeyPartitioner()
     chosen = {partitioner.partition(None, [0, 1, 2, 3], [1, 3]) for _ in range(200)}
     assert chosen == {1, 3}
+
+
+# -- batching only under load: a lone batch goes at once, batches grow while a send is outstanding --
+
+
+class Handed:
+    """One batch handed to the producer, and the acknowledgement the test gives or refuses."""
+
+    def __init__(self, builder: FakeBuilder, partition: int) -> None:
+        self.builder = builder
+        self.partition = partition
+        self.closed_at_handover = builder.closed
+        self.ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def values(self) -> list[bytes]:
+        return [value for _, value in self.builder.records]
+
+
+class ManualProducer:
+    """Sends each batch at once (closed, as aiokafka closes a batch it takes for a request), and
+    each waits for its acknowledgement until the test gives or refuses it."""
+
+    def __init__(self) -> None:
+        self.handed: list[Handed] = []
+
+    def create_batch(self) -> FakeBuilder:
+        return FakeBuilder()
+
+    async def send_batch(self, builder: FakeBuilder, topic: str, *, partition: int) -> asyncio.Future[None]:
+        handed = Handed(builder, partition)
+        self.handed.append(handed)
+        builder.close()
+        return handed.ack
+
+
+async def run_ready_tasks() -> None:
+    """Lets every task that can run without waiting for anything run (no wall-clock time passes)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_hand_over_policy() -> None:
+    no_linger = HandOver(0)
+    assert not any(
+        no_linger.close_at_handover(chained=chained, producer_busy=busy)
+        for chained in (False, True)
+        for busy in (False, True)
+    )  # the producer lingers for nothing: an open batch only grows while its broker is busy
+    linger = HandOver(5)
+    assert linger.close_at_handover(chained=False, producer_busy=False)  # idle: at once
+    assert linger.close_at_handover(chained=True, producer_busy=True)  # it gathered rows already
+    assert linger.close_at_handover(chained=True, producer_busy=False)
+    assert not linger.close_at_handover(chained=False, producer_busy=True)  # under load: it lingers
+
+
+async def test_a_lone_record_is_handed_over_at_once() -> None:
+    for linger_ms in (0, 5, 60_000):
+        producer = ManualProducer()
+        batches = SharedBatches(producer, linger_ms)  # type: ignore[arg-type]
+        batch = batches.append("t", 0, b"k", b"lone", [])
+        await run_ready_tasks()
+        assert [h.values for h in producer.handed] == [[b"lone"]]
+        # With a linger, closing is what makes the producer send it without waiting for it.
+        assert producer.handed[0].closed_at_handover == (linger_ms > 0)
+        producer.handed[0].ack.set_result(None)
+        await asyncio.wait({batch.delivery}, timeout=5)
+        assert batch.delivery.done() and batch.delivery.exception() is None
+
+
+async def test_a_batch_grows_while_its_predecessor_is_in_flight_and_goes_when_it_is_acknowledged() -> None:
+    producer = ManualProducer()
+    batches = SharedBatches(producer)  # type: ignore[arg-type]
+    first = batches.append("t", 0, b"k", b"1", [])
+    await run_ready_tasks()
+    assert len(producer.handed) == 1
+    # Two workers publish meanwhile: their rows wait in one batch behind the one in flight.
+    second = batches.append("t", 0, b"k", b"2", [])
+    third = batches.append("t", 0, b"j", b"3", [])
+    assert second is third and second is not first
+    await run_ready_tasks()
+    assert len(producer.handed) == 1  # never two batches of one partition in flight
+    producer.handed[0].ack.set_result(None)
+    await run_ready_tasks()
+    assert [h.values for h in producer.handed] == [[b"1"], [b"2", b"3"]]
+    # Another partition is not held up by this one's chain.
+    other = batches.append("t", 1, b"x", b"other", [])
+    await run_ready_tasks()
+    assert producer.handed[-1].values == [b"other"] and producer.handed[-1].partition == 1
+    producer.handed[1].ack.set_result(None)
+    producer.handed[2].ack.set_result(None)
+    await asyncio.wait({first.delivery, second.delivery, other.delivery}, timeout=5)
+    assert all(b.delivery.exception() is None for b in (first, second, other))
+
+
+async def test_with_a_linger_only_a_batch_handed_over_under_load_lingers() -> None:
+    producer = ManualProducer()
+    batches = SharedBatches(producer, 5)  # type: ignore[arg-type]
+    batches.append("t", 0, b"k", b"a", [])
+    await run_ready_tasks()
+    batches.append("t", 1, b"x", b"b", [])  # partition 0 is in flight: the producer is busy
+    batches.append("t", 0, b"k", b"c", [])  # chained behind partition 0's batch
+    await run_ready_tasks()
+    assert [(h.values, h.closed_at_handover) for h in producer.handed] == [([b"a"], True), ([b"b"], False)]
+    producer.handed[0].ack.set_result(None)
+    await run_ready_tasks()
+    assert (producer.handed[2].values, producer.handed[2].closed_at_handover) == ([b"c"], True)
+
+
+async def test_a_failed_batch_keeps_the_next_one_of_its_partition_from_being_sent() -> None:
+    producer = ManualProducer()
+    batches = SharedBatches(producer)  # type: ignore[arg-type]
+    first = batches.append("t", 0, b"k", b"1", [])
+    await run_ready_tasks()
+    second = batches.append("t", 0, b"k", b"2", [])
+    producer.handed[0].ack.set_exception(MessageSizeTooLargeError())
+    await asyncio.wait({first.delivery, second.delivery}, timeout=5)
+    assert isinstance(second.delivery.exception(), PredecessorFailed)
+    assert len(producer.handed) == 1

@@ -1,0 +1,99 @@
+"""Batching only under load, against the real broker: a lone event is sent at once, whatever the
+linger, and events published while a send is outstanding share batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from devtools.embedded import StackEndpoints
+from relay.sinks.kafka import KafkaSink
+from tests.integration.test_sinks import make_row, read_topic, sink_settings
+
+PARTITIONS = 4  # read_topic reads this many
+LINGER_MS = 3000  # far longer than an acknowledgement takes, even on a loaded machine
+
+
+@pytest.fixture
+async def topic(stack: StackEndpoints) -> AsyncIterator[str]:
+    name = f"handover.{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+        yield name
+        await admin.delete_topics([name])
+    finally:
+        await admin.close()
+
+
+async def connected_sink(stack: StackEndpoints, **overrides: object) -> KafkaSink:
+    sink = KafkaSink(sink_settings(stack, **overrides))
+    await sink.start()
+    deadline = time.monotonic() + 30
+    while not sink.is_connected():
+        assert time.monotonic() < deadline, f"no connection to the broker: {sink.connect_error}"
+        await asyncio.sleep(0.05)
+    return sink
+
+
+async def test_a_lone_event_does_not_wait_for_the_linger(stack: StackEndpoints, topic: str) -> None:
+    sink = await connected_sink(stack, kafka_linger_ms=LINGER_MS)
+    try:
+        # The first publish also fetches the topic's metadata: not what is measured here.
+        assert all(r.ok for r in await sink.publish([make_row(topic, "warm", b"warm-up")]))
+        took = []
+        for n in range(5):
+            started = time.monotonic()
+            results = await sink.publish([make_row(topic, f"k{n}", f"lone {n}".encode(), n)])
+            took.append(time.monotonic() - started)
+            assert [r.ok for r in results] == [True]
+        # Each event was alone with nothing in flight: sent at once, not after the linger.
+        assert max(took) < LINGER_MS / 1000 / 2, took
+        records = await read_topic(stack.kafka_bootstrap, topic, 6)
+        assert sum(len(r) for r in records.values()) == 6
+    finally:
+        await sink.stop()
+
+
+async def test_events_published_while_a_send_is_outstanding_share_batches(
+    stack: StackEndpoints, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = await connected_sink(stack)  # the default: no linger
+    try:
+        assert all(r.ok for r in await sink.publish([make_row(topic, "warm", b"warm-up")]))
+        producer = sink._producer
+        assert producer is not None
+        handed: list[int] = []
+        send_batch = producer.send_batch
+
+        async def counting_send_batch(builder, topic_name, *, partition):  # type: ignore[no-untyped-def]
+            handed.append(partition)
+            return await send_batch(builder, topic_name, partition=partition)
+
+        monkeypatch.setattr(producer, "send_batch", counting_send_batch)
+        # One event of a key goes at once; while it is outstanding, 39 more of the same key (one
+        # Kafka partition) are published one after another by other workers: they gather behind it.
+        rows = [make_row(topic, "same-key", f"{n}".encode(), n) for n in range(40)]
+        first = asyncio.create_task(sink.publish(rows[:1]))
+        deadline = time.monotonic() + 10
+        while not handed:
+            assert time.monotonic() < deadline, "the lone event was not handed to the producer"
+            await asyncio.sleep(0)
+        later = []
+        for row in rows[1:]:
+            later.append(asyncio.create_task(sink.publish([row])))
+            await asyncio.sleep(0)
+        results = [await first, *[await task for task in later]]
+        assert all(r.ok for rs in results for r in rs)
+        assert 2 <= len(handed) <= 5, handed  # far fewer than 40 one-event batches
+        records = await read_topic(stack.kafka_bootstrap, topic, 41)
+        values = [v for recs in records.values() for k, v, _ in recs if k == b"same-key"]
+        assert values == [f"{n}".encode() for n in range(40)]
+    finally:
+        await sink.stop()
