@@ -513,6 +513,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
         self.forwarded = 0
+        self.refusing = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -523,6 +524,19 @@ class TcpProxy:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        await self.cut_connections()
+
+    async def refuse(self) -> None:
+        """Break every open connection and reset each new one, while keeping the port. For an outage
+        that ends on the same port: a stopped listener's port can be taken meanwhile, by a client's
+        retry connecting to itself (TCP self-connect through the ephemeral port range) among others."""
+        self.refusing = True
+        await self.cut_connections()
+
+    def accept(self) -> None:
+        self.refusing = False
+
+    async def cut_connections(self) -> None:
         for transport in list(self._transports):
             transport.abort()
         self._transports.clear()
@@ -531,6 +545,9 @@ class TcpProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
@@ -600,7 +617,7 @@ async def test_a_relay_that_alone_lost_its_broker_hands_over_its_partitions(
         await drained(fleet, timeout=30)  # both relays delivered, A through the proxy
         assert proxy.forwarded > 0
 
-        await proxy.cut()
+        await proxy.refuse()
         cut_at = time.monotonic()
         writing = asyncio.create_task(
             write_events(fleet.database_url, fleet.schema, [stream], total=1_000, keys=100, pace=0.2)
@@ -639,6 +656,6 @@ async def test_a_relay_that_alone_lost_its_broker_hands_over_its_partitions(
         assert await partition_counts(fleet) == {healthy.instance_id: PARTITIONS}, "the cut relay came back"
         alive(fleet)
     finally:
-        await proxy.start()  # restored: the cut relay may take partitions again
+        proxy.accept()  # restored: the cut relay may take partitions again
         await asyncio.to_thread(fleet.stop_all)  # the loop keeps serving the proxy meanwhile
         await proxy.cut()
