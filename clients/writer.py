@@ -63,7 +63,7 @@ JSON_CONTENT_TYPE = "application/json"
 _PER_ATTEMPT_HEADERS = ("traceparent", "tracestate")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # as relay.shared.identifiers.validate_schema_name
 
-# One statement for one event or many: a single round trip whatever the batch size.
+# One statement for many events (enqueue_many): a single round trip whatever the batch size.
 # WITH ORDINALITY + ORDER BY make ids follow input order by definition rather than by plan, which
 # per-key delivery order depends on. CAST(... AS ...) rather than '::' because SQLAlchemy's text()
 # would read '::' after a bind name as part of it. Headers travel as text[] so an application's
@@ -109,6 +109,19 @@ SELECT e.message_id, i.id,
        ) END AS differences
 FROM e LEFT JOIN inserted i ON i.message_id = e.message_id
 ORDER BY e.position
+"""
+
+# One event, the common case: a plain INSERT, several times cheaper for Postgres than unnest() of
+# one-element arrays (the writer's commits/s rose from ~2.9k to ~4.8k on the bench machine, which at
+# 2,000 commits/s is the difference between a saturated and a comfortable database). An existing
+# message_id returns no row and is compared by _COMPARE_SQL in a second round trip: only retries
+# pay for it.
+_INSERT_ONE_SQL = """
+INSERT INTO {schema}.outbox (message_id, topic, key, payload, headers)
+VALUES (CAST({p[0]} AS uuid), CAST({p[1]} AS text), CAST({p[2]} AS text), CAST({p[3]} AS bytea),
+        CAST(CAST({p[4]} AS text) AS jsonb))
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id, id, CAST(NULL AS text[]) AS differences
 """
 
 _COMPARE_SQL = """
@@ -233,8 +246,8 @@ def enqueue(
     already exists with the same topic, key, payload and headers (``traceparent``/``tracestate``
     aside), nothing is written and the result has ``inserted=False``; if it exists with different
     content, `OutboxConflictError` is raised. Without it a random UUID is generated and returned in
-    the result. This takes one round trip (a second one only when a concurrent transaction
-    committed the same message_id while this statement ran).
+    the result. A new event takes one round trip, one plain INSERT; a ``message_id`` that already
+    exists takes a second one, which compares the stored row.
 
     Raises `OutboxValidationError` (a ``ValueError``) for bad input before touching the database:
     wrong types, empty or over-long topic, sizes over the limits above, NUL characters in the
@@ -303,7 +316,8 @@ def _write(
     if not rows:
         return []
     unique = _unique(rows)
-    outcome = _Outcome(run(conn, _INSERT_SQL, table, _columns(unique)))
+    statement, params = _insert(unique)
+    outcome = _Outcome(run(conn, statement, table, params), unique)
     if outcome.unseen:
         outcome.compared(run(conn, _COMPARE_SQL, table, _columns(outcome.rows(unique))))
     return outcome.results(rows)
@@ -317,7 +331,8 @@ async def _awrite(
     if not rows:
         return []
     unique = _unique(rows)
-    outcome = _Outcome(await run(conn, _INSERT_SQL, table, _columns(unique)))
+    statement, params = _insert(unique)
+    outcome = _Outcome(await run(conn, statement, table, params), unique)
     if outcome.unseen:
         outcome.compared(await run(conn, _COMPARE_SQL, table, _columns(outcome.rows(unique))))
     return outcome.results(rows)
@@ -567,6 +582,14 @@ def _differences(a: _Row, b: _Row) -> tuple[str, ...]:
     )
 
 
+def _insert(unique: list[_Row]) -> tuple[str, dict[str, Any]]:
+    """The INSERT statement for these distinct events and its parameters."""
+    columns = _columns(unique)
+    if len(unique) == 1:
+        return _INSERT_ONE_SQL, {name: values[0] for name, values in columns.items()}
+    return _INSERT_SQL, columns
+
+
 def _columns(rows: list[_Row]) -> dict[str, list[Any]]:
     # UUIDs go as text: every driver (even psycopg2 under SQLAlchemy) can send a str[].
     columns = (
@@ -583,19 +606,21 @@ def _columns(rows: list[_Row]) -> dict[str, list[Any]]:
 class _Outcome:
     """What the statements said about each distinct message_id."""
 
-    def __init__(self, records: _Records) -> None:
+    def __init__(self, records: _Records, unique: list[_Row]) -> None:
         self.ids: dict[uuid.UUID, int] = {}  # inserted, with the new row's id
         self.differences: dict[uuid.UUID, tuple[str, ...]] = {}  # existed: () when the same event
-        self.unseen: set[uuid.UUID] = set()  # existed, but committed after the statement's snapshot
+        # existed, but not compared yet: committed after the statement's snapshot, or not returned at
+        # all (_INSERT_ONE_SQL returns only what it inserted)
+        self.unseen: set[uuid.UUID] = {row.message_id for row in unique}
         for message_id, row_id, differences in records:
             # Drivers return their own UUID types (or str); normalise before matching.
             key = uuid.UUID(str(message_id))
             if row_id is not None:
                 self.ids[key] = int(row_id)
-            elif differences is None:
-                self.unseen.add(key)
-            else:
+                self.unseen.discard(key)
+            elif differences is not None:
                 self.differences[key] = tuple(differences)
+                self.unseen.discard(key)
 
     def rows(self, unique: list[_Row]) -> list[_Row]:
         """The rows to compare again, in a statement that sees what was committed meanwhile."""
@@ -625,28 +650,28 @@ class _Outcome:
 @cache
 def _sql(statement: str, table: str, placeholders: tuple[str, ...]) -> str:
     events = _EVENTS.format(p=placeholders)
-    return statement.format(schema=table, events=events, differences=_DIFFERENCES)
+    return statement.format(schema=table, events=events, differences=_DIFFERENCES, p=placeholders)
 
 
 # --- driver adapters ----------------------------------------------------------------------------
-# Each runs one statement (_INSERT_SQL or _COMPARE_SQL) with its driver's placeholders and returns
+# Each runs one statement (_INSERT_ONE_SQL, _INSERT_SQL or _COMPARE_SQL) with its driver's placeholders and returns
 # its rows as tuples.
 
 
-def _sqlalchemy_run(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
+def _sqlalchemy_run(conn: Any, statement: str, table: str, params: dict[str, Any]) -> _Records:
     from sqlalchemy import text
 
     return list(conn.execute(text(_sql(statement, table, _SQLALCHEMY_PLACEHOLDERS)), params).all())
 
 
-async def _sqlalchemy_arun(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
+async def _sqlalchemy_arun(conn: Any, statement: str, table: str, params: dict[str, Any]) -> _Records:
     from sqlalchemy import text
 
     result = await conn.execute(text(_sql(statement, table, _SQLALCHEMY_PLACEHOLDERS)), params)
     return list(result.all())
 
 
-def _psycopg_run(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
+def _psycopg_run(conn: Any, statement: str, table: str, params: dict[str, Any]) -> _Records:
     from psycopg.rows import tuple_row
 
     # tuple_row: the application may have set a dict row factory on its connection.
@@ -655,7 +680,7 @@ def _psycopg_run(conn: Any, statement: str, table: str, params: dict[str, list[A
         return list(cursor.fetchall())
 
 
-async def _psycopg_arun(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
+async def _psycopg_arun(conn: Any, statement: str, table: str, params: dict[str, Any]) -> _Records:
     from psycopg.rows import tuple_row
 
     async with conn.cursor(row_factory=tuple_row) as cursor:
@@ -663,7 +688,7 @@ async def _psycopg_arun(conn: Any, statement: str, table: str, params: dict[str,
         return list(await cursor.fetchall())
 
 
-async def _asyncpg_run(conn: Any, statement: str, table: str, params: dict[str, list[Any]]) -> _Records:
+async def _asyncpg_run(conn: Any, statement: str, table: str, params: dict[str, Any]) -> _Records:
     return list(await conn.fetch(_sql(statement, table, _ASYNCPG_PLACEHOLDERS), *params.values()))
 
 

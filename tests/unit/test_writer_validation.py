@@ -39,12 +39,18 @@ class _Result:
         return self._rows
 
 
-def _fake_insert(statement: Any, params: dict[str, list[Any]], existing: dict[str, list[str]]) -> _Result:
-    """Rows as the INSERT answers: (message_id, new id, None) for a new row, (message_id, None, the
-    differing fields) for one that existed."""
+def _fake_insert(statement: Any, params: dict[str, Any], existing: dict[str, list[str]]) -> _Result:
+    """Rows as the statements answer: (message_id, new id, None) for a new row, (message_id, None, the
+    differing fields) for one that existed. One event (scalar parameters) goes by the plain INSERT,
+    which returns nothing for a row that existed (the comparison follows, with arrays)."""
+    message_ids = params["message_ids"]
+    if not isinstance(message_ids, list):
+        if message_ids in existing:
+            return _Result([])
+        message_ids = [message_ids]
     rows: list[Record] = []
     number = 0
-    for mid in params["message_ids"]:
+    for mid in message_ids:
         if mid in existing:
             rows.append((mid, None, existing[mid]))
         else:
@@ -86,7 +92,8 @@ def session() -> Iterator[RecordingSession]:
 
 def _sent(session: RecordingSession, column: str) -> list[Any]:
     assert len(session.calls) == 1, "expected exactly one statement"
-    return session.calls[0][1][column]
+    sent = session.calls[0][1][column]
+    return sent if isinstance(sent, list) else [sent]  # one event: scalar parameters
 
 
 def _headers_sent(session: RecordingSession) -> dict[str, str]:
