@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections import deque
 
-from relay.events import OutboxRow
+from relay.events import OutboxRow, SharedHeaders
 
 
 def row_bytes(row: OutboxRow) -> int:
@@ -20,8 +20,11 @@ def row_bytes(row: OutboxRow) -> int:
     size = len(row.payload)
     if row.key is not None:
         size += len(row.key.encode())
-    if row.headers:
-        size += sum(len(name) + len(value) for name, value in row.headers.items())
+    headers = row.headers
+    if isinstance(headers, SharedHeaders):
+        size += headers.size
+    elif headers:
+        size += sum(len(name.encode()) + len(value.encode()) for name, value in headers.items())
     return size
 
 

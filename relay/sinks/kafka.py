@@ -25,6 +25,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from relay.budget import row_bytes
 from relay.config import RelaySettings
 from relay.events import DEFERRED, PUBLISHED, OutboxRow, Outcome, PublishResult
 from relay.faults import Fault, classify_kafka_error, kafka_error_is_topic_scoped
@@ -40,6 +41,8 @@ from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, PredecessorFail
 
 log = logging.getLogger(__name__)
 
+# More than a record's own framing (lengths, varints, per-header overhead) on top of its data bytes.
+_RECORD_FRAMING_MARGIN = 4096
 Layout = tuple[list[int], list[int]]  # all partitions of a topic (sorted), those with a leader
 
 
@@ -215,10 +218,11 @@ class KafkaSink:
                 continue
             key = None if row.key is None else row.key.encode()
             headers = kafka_headers(row)
-            too_large = self._size_error(key, row.payload, headers)
-            if too_large is not None:
-                results[index] = PublishResult(Outcome.REJECT, "record_too_large", too_large)
-                continue
+            if row_bytes(row) + _RECORD_FRAMING_MARGIN > self._settings.kafka_max_request_size:
+                too_large = self._size_error(key, row.payload, headers)  # measured only when it may be
+                if too_large is not None:
+                    results[index] = PublishResult(Outcome.REJECT, "record_too_large", too_large)
+                    continue
             partition = self._partitioner.partition(key, *layout)
             carried.append((index, batches.append(row.topic, partition, key, row.payload, headers)))
         if carried:

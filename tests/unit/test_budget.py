@@ -177,3 +177,23 @@ def test_row_bytes_counts_payload_key_and_headers() -> None:
         attempts=0,
     )
     assert row_bytes(row) == 1000 + len("clé".encode()) + len("content-type") + len("json")
+
+
+def test_rows_with_the_same_headers_text_share_one_decoded_copy_and_its_size() -> None:
+    record = {
+        "id": 1,
+        "message_id": uuid.uuid4(),
+        "topic": "orders",
+        "key": None,
+        "payload": b"x",
+        "headers": '{"content-type": "application/json", "tenant": "été"}',
+        "created_at": datetime.now(UTC),
+        "attempts": 0,
+    }
+    first, second = OutboxRow.from_record(record), OutboxRow.from_record({**record, "id": 2})
+    assert first.headers is second.headers
+    assert first.headers == {"content-type": "application/json", "tenant": "été"}
+    as_plain_dict = OutboxRow(**{**record, "headers": dict(first.headers)})  # type: ignore[arg-type]
+    assert row_bytes(first) == row_bytes(as_plain_dict) == 1 + len("content-typeapplication/jsontenant") + len(
+        "été".encode()
+    )
