@@ -111,8 +111,8 @@ FROM e LEFT JOIN inserted i ON i.message_id = e.message_id
 ORDER BY e.position
 """
 
-# One event, the common case: a plain INSERT, several times cheaper for Postgres than unnest() of
-# one-element arrays (the writer's commits/s rose from ~2.9k to ~4.8k on the bench machine, which at
+# One event, the common case: a plain INSERT, about 1.6 times cheaper for Postgres than unnest() of
+# one-element arrays (aenqueue rose from ~2.9k to ~4.5k commits/s on the bench machine, which at
 # 2,000 commits/s is the difference between a saturated and a comfortable database). An existing
 # message_id returns no row and is compared by _COMPARE_SQL in a second round trip: only retries
 # pay for it.

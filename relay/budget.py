@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections import deque
 
-from relay.events import OutboxRow, SharedHeaders
+from relay.events import OutboxRow, headers_size
 
 
 def row_bytes(row: OutboxRow) -> int:
@@ -20,12 +20,7 @@ def row_bytes(row: OutboxRow) -> int:
     size = len(row.payload)
     if row.key is not None:
         size += len(row.key.encode())
-    headers = row.headers
-    if isinstance(headers, SharedHeaders):
-        size += headers.size
-    elif headers:
-        size += sum(len(name.encode()) + len(value.encode()) for name, value in headers.items())
-    return size
+    return size + headers_size(row.headers)
 
 
 class ByteBudget:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -49,7 +50,14 @@ class SharedHeaders(dict[str, str]):
 
     def __init__(self, items: dict[str, str]) -> None:
         super().__init__(items)
-        self.size = sum(len(name.encode()) + len(value.encode()) for name, value in items.items())
+        self.size = headers_size(items)
+
+
+def headers_size(headers: Mapping[str, str]) -> int:
+    """Bytes of every header name and value (UTF-8): what the claim budget counts for them."""
+    if isinstance(headers, SharedHeaders):
+        return headers.size
+    return sum(len(name.encode()) + len(value.encode()) for name, value in headers.items())
 
 
 _NO_HEADERS = SharedHeaders({})
