@@ -123,6 +123,13 @@ class RelaySettings(DatabaseSettings):
         60.0, ge=0, description="Seconds an unknown topic is retried as an outage."
     )
     settle_mode: SettleMode = Field(SettleMode.DELETE, description="delete published rows, or retain them.")
+    settle_delay: float = Field(
+        0.05,
+        ge=0,
+        le=1.0,
+        description="Seconds an acknowledged batch may wait to be marked done in the same statement as its"
+        " partition's next claim (one round trip instead of two); 0 marks it done at once.",
+    )
     retention: float = Field(3600.0, ge=0, description="Seconds published rows are kept in retain mode.")
     cleanup_batch_size: int = Field(1000, ge=1)
     inbox_cleanup: bool = Field(

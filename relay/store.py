@@ -135,6 +135,33 @@ class RelayStore:
         )
         return [OutboxRow.from_record(r) for r in records]
 
+    async def settle_and_claim(
+        self,
+        settle_ids: Sequence[int],
+        partition: int,
+        limit: int,
+        paused_like: Sequence[str],
+        fence: Fence,
+        *,
+        retain: bool,
+        max_bytes: int,
+        skip_topics: Sequence[str] = (),
+    ) -> tuple[int, list[OutboxRow]]:
+        """`settle(settle_ids)` and `claim_batch(...)` in one statement: how many of `settle_ids`
+        were settled (fewer means the lease was lost) and the rows claimed."""
+        records = await self.pool.fetch(
+            self._q["settle_retain_and_claim" if retain else "settle_delete_and_claim"],
+            partition,
+            *fence.args,
+            limit,
+            list(paused_like),
+            max_bytes,
+            list(skip_topics),
+            list(settle_ids),
+        )
+        settled = int(records[0]["settled"])
+        return settled, [OutboxRow.from_record(r) for r in records if r["id"] is not None]
+
     async def next_retry_delay(self, partition: int) -> float | None:
         value = await self.pool.fetchval(self._q["next_retry_delay"], partition)
         return None if value is None else float(value)

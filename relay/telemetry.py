@@ -102,6 +102,7 @@ class RelayMetrics:
         self._meter = meter
         self.fleet: dict[str, str] = dict(fleet or {})
         self._instance = {**self.fleet, INSTANCE_LABEL: instance_id}
+        self._topic_attributes: dict[str, dict[str, str]] = {}
         self.published_total = meter.create_counter(
             "outbox_events_published", unit="{event}", description="Events acknowledged by a sink"
         )
@@ -203,20 +204,38 @@ class RelayMetrics:
         self.batch_size.record(count, self._instance)
         self.claim_duration.record(seconds, self._instance)
 
-    def published(self, rows: Sequence[OutboxRow], settle_seconds: float, router: Router) -> None:
+    def published(
+        self,
+        rows: Sequence[OutboxRow],
+        settle_seconds: float,
+        router: Router,
+        *,
+        acknowledged_at: datetime | None = None,
+    ) -> None:
+        """Counts settled rows; their latency runs from the commit to `acknowledged_at` (the broker's
+        acknowledgement; now if not given), not to the settle, which may wait for the next claim."""
         if not rows:
             return
         self.settle_duration.record(settle_seconds, self._instance)
-        now = datetime.now(UTC)
-        counts: dict[tuple[str, str], int] = {}
+        until = acknowledged_at or datetime.now(UTC)
+        counts: dict[str, int] = {}
         for row in rows:
-            sink = router.sink_kind_for(row.topic).value
-            counts[(row.topic, sink)] = counts.get((row.topic, sink), 0) + 1
-            self.latency.record(
-                (now - row.created_at).total_seconds(), {"topic": row.topic, "sink": sink, **self._instance}
-            )
-        for (topic, sink), count in counts.items():
-            self.published_total.add(count, {"topic": topic, "sink": sink, **self._instance})
+            attributes = self._published_attributes(row.topic, router)
+            counts[row.topic] = counts.get(row.topic, 0) + 1
+            self.latency.record((until - row.created_at).total_seconds(), attributes)
+        for topic, count in counts.items():
+            self.published_total.add(count, self._published_attributes(topic, router))
+
+    def _published_attributes(self, topic: str, router: Router) -> dict[str, str]:
+        """{topic, sink, instance labels}, one dict per topic (rows of a batch share it; the SDK
+        only reads it)."""
+        attributes = self._topic_attributes.get(topic)
+        if attributes is None:
+            if len(self._topic_attributes) >= 10_000:
+                self._topic_attributes.clear()
+            sink = router.sink_kind_for(topic).value
+            attributes = self._topic_attributes[topic] = {"topic": topic, "sink": sink, **self._instance}
+        return attributes
 
     def publish_failed(self, kind: str, count: int = 1) -> None:
         self.publish_failures.add(count, {"kind": kind, **self._instance})

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from relay.budget import ByteBudget, row_bytes
 from relay.config import RelaySettings
@@ -140,6 +141,13 @@ class PartitionWorker:
         self._inflight: tuple[BatchPlan, asyncio.Task[list[PublishResult]]] | None = None
         # Bytes of ctx.budget this worker holds for its current batch (kept while it is in flight).
         self._held_bytes = 0
+        # The last batch's acknowledged rows, not yet marked done in the outbox: the next claim does
+        # that in the same statement, or `_settle_by` (monotonic) passes and the loop claims then. So
+        # at most one batch per partition is ever published and unsettled, as before: a claim always
+        # settles the batch before it, and nothing is published before its claim returns.
+        self._unsettled: list[OutboxRow] = []
+        self._acked_at = datetime.now(UTC)
+        self._settle_by: float | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -165,6 +173,8 @@ class PartitionWorker:
             try:
                 if self._may_work():
                     full = await self.process_batch()
+                elif self._unsettled:  # paused, or the lease not trusted: mark done what was published
+                    await self._settle_alone()
                 self._db_backoff.succeeded()
             except TRANSIENT_DB_ERRORS as exc:
                 ctx.metrics.database_error(exc)
@@ -191,12 +201,15 @@ class PartitionWorker:
         await self._settle_inflight_on_stop()
 
     async def _settle_inflight_on_stop(self) -> None:
-        """On the way out, settle a publish still awaiting its acknowledgement if the lease allows,
-        so the next owner does not send it again."""
-        if self._inflight is None or self.lease.remaining() <= 0:
+        """On the way out, settle what was published and a publish still awaiting its
+        acknowledgement if the lease allows, so the next owner does not send them again."""
+        if self.lease.remaining() <= 0:
             return
         with contextlib.suppress(*TRANSIENT_DB_ERRORS, PublishCrashedError):
-            await self.process_batch()
+            if self._inflight is not None:
+                await self.process_batch()
+            if self._unsettled:
+                await self._settle_alone()
 
     def _may_work(self) -> bool:
         return not self._ctx.pauses.globally_paused and self.lease.remaining() > 0
@@ -206,6 +219,8 @@ class PartitionWorker:
         if self._next_retry_at is not None:
             timeout = max(0.0, min(timeout, self._next_retry_at - time.monotonic()))
             self._next_retry_at = None
+        if self._settle_by is not None:  # the claim that marks the last batch done is due then
+            timeout = max(0.0, min(timeout, self._settle_by - time.monotonic()))
         probe = self._ctx.router.availability.next_probe_in()
         if probe is not None:  # a sink or topic outage's backoff ends: its rows may be claimed again
             timeout = min(timeout, probe + 0.01)
@@ -230,16 +245,8 @@ class PartitionWorker:
         if not await self._reserve(max_bytes):
             return False
         try:
-            fence = self.lease.fence
             claim_started = time.monotonic()
-            rows = await ctx.store.claim_batch(
-                self.partition,
-                settings.batch_size,
-                ctx.pauses.like_patterns,
-                fence,
-                max_bytes=max_bytes,
-                skip_topics=ctx.router.availability.skip_topics(),
-            )
+            rows = await self._claim(max_bytes)
             sizes = [row_bytes(row) for row in rows]
             self._keep_held(sum(sizes))
             if not rows:
@@ -258,6 +265,49 @@ class PartitionWorker:
         finally:
             if self._inflight is None:  # settled or dropped; a batch still in flight keeps its bytes
                 self._release_held()
+
+    async def _claim(self, max_bytes: int) -> list[OutboxRow]:
+        """The next batch; the same statement marks the last batch's published rows done. Nothing
+        is claimed when the lease turns out lost there."""
+        ctx, settings, fence = self._ctx, self._ctx.settings, self.lease.fence
+        args = (self.partition, settings.batch_size, ctx.pauses.like_patterns, fence)
+        skip = ctx.router.availability.skip_topics()
+        if not self._unsettled:
+            return await ctx.store.claim_batch(*args, max_bytes=max_bytes, skip_topics=skip)
+        started = time.monotonic()
+        settled, rows = await ctx.store.settle_and_claim(
+            [row.id for row in self._unsettled],
+            *args,
+            retain=settings.settle_mode == "retain",
+            max_bytes=max_bytes,
+            skip_topics=skip,
+        )
+        return rows if self._settled(settled, time.monotonic() - started) else []
+
+    async def _settle_alone(self) -> None:
+        ctx, started = self._ctx, time.monotonic()
+        ids = [row.id for row in self._unsettled]
+        settled = await ctx.store.settle(ids, self.lease.fence, retain=ctx.settings.settle_mode == "retain")
+        self._settled(settled, time.monotonic() - started)
+
+    def _settled(self, settled: int, seconds: float) -> bool:
+        """Records that the unsettled rows were marked done; False (and the lease reported lost)
+        when fewer than all of them were."""
+        ctx, rows = self._ctx, self._unsettled
+        self._unsettled, self._settle_by = [], None
+        if settled < len(rows):
+            fence = self.lease.fence
+            log.warning(
+                "partition %s: lease %s (token %s) lost before settling; %s events stay for the new owner",
+                self.partition,
+                fence.lease_name,
+                fence.token,
+                len(rows) - settled,
+            )
+            ctx.lease_lost(self.partition)
+            return False
+        ctx.metrics.published(rows, seconds, ctx.router, acknowledged_at=self._acked_at)
+        return True
 
     async def _reserve(self, n: int) -> bool:
         """Takes n bytes of the shared budget for a claim, waiting in line while it is used up.
@@ -370,21 +420,13 @@ class PartitionWorker:
 
     async def _settle(self, outcome: Settlement) -> None:
         ctx, fence = self._ctx, self.lease.fence
-        retain = ctx.settings.settle_mode == "retain"
-        started = time.monotonic()
-        published_ids = [row.id for row in outcome.published]
-        settled = await ctx.store.settle(published_ids, fence, retain=retain)
-        if settled < len(published_ids):
-            log.warning(
-                "partition %s: lease %s (token %s) lost before settling; %s events stay for the new owner",
-                self.partition,
-                fence.lease_name,
-                fence.token,
-                len(published_ids) - settled,
-            )
-            ctx.lease_lost(self.partition)
-            return
-        ctx.metrics.published(outcome.published, time.monotonic() - started, ctx.router)
+        if outcome.published:
+            assert not self._unsettled, "a claim settles the batch before it"
+            self._unsettled = list(outcome.published)
+            self._acked_at = datetime.now(UTC)
+            self._settle_by = time.monotonic() + ctx.settings.settle_delay
+            if ctx.settings.settle_delay <= 0:
+                await self._settle_alone()
         if outcome.retry:
             rows, delays, errors = zip(*outcome.retry, strict=True)
             await ctx.store.record_failures([r.id for r in rows], delays, errors, fence)

@@ -6,7 +6,8 @@ The format, documented again at the top of each file:
 - `{fragment:name}` inlines block `name`: a clause written once and used by several statements (the
   relay's lease fence, the control plane's dead-letter filter). The fragment's leading comment lines
   are dropped, its further lines indented as far as the placeholder's line, a trailing `;` removed.
-  A fragment uses no other fragment, and comes from the same file; it stays in the mapping too.
+  A fragment may use other fragments (never itself), and comes from the same file; it stays in the
+  mapping too.
 - `{schema}` becomes the quoted schema name (bind_schema).
 """
 
@@ -36,18 +37,18 @@ def read_blocks(text: str) -> dict[str, str]:
 
 
 def inline_fragments(blocks: Mapping[str, str]) -> dict[str, str]:
-    """Every block with each `{fragment:x}` replaced by block x (itself free of placeholders)."""
-    return {name: _inline(name, body, blocks) for name, body in blocks.items()}
+    """Every block with each `{fragment:x}` replaced by block x, itself with its fragments inlined."""
+    return {name: _inline(name, body, blocks, ()) for name, body in blocks.items()}
 
 
-def _inline(name: str, body: str, blocks: Mapping[str, str]) -> str:
+def _inline(name: str, body: str, blocks: Mapping[str, str], using: tuple[str, ...]) -> str:
     def inline(match: re.Match[str]) -> str:
         fragment = match.group(1)
         if fragment not in blocks:
             raise RuntimeError(f"SQL block {name!r} uses unknown fragment {fragment!r}")
-        text = blocks[fragment]
-        if FRAGMENT.search(text):
-            raise RuntimeError(f"SQL fragment {fragment!r} (used by {name!r}) uses another fragment")
+        if fragment in using or fragment == name:
+            raise RuntimeError(f"SQL fragment {fragment!r} uses itself (through {' -> '.join(using)})")
+        text = _inline(fragment, blocks[fragment], blocks, (*using, name))
         lines = text.splitlines()
         while lines and lines[0].lstrip().startswith("--"):
             lines.pop(0)

@@ -13,37 +13,37 @@ EXISTS (
     WHERE l.name = $2 AND l.name = 'partition:' || o.partition
       AND l.holder = $3 AND l.token = $4 AND l.expires_at > now())
 
--- claim_batch --
--- The oldest publishable rows of one partition ($1), in id order: at most $5 rows, and only the
--- prefix whose payload, key and header bytes add up to at most $7 (but always the first row, so an
--- event larger than the budget still moves). A (topic, key) whose earliest row waits for a retry
--- holds back its later rows; paused topics ($6, LIKE patterns) and skipped topics ($8) are left
--- alone. $2-$4: the fence.
--- Postgres allows no window function beside FOR UPDATE, so `candidates` locks ids and sizes and the
--- running sum is taken outside it. octet_length does not detoast: sizing a row reads no payload.
-WITH blocked AS (
+-- claim_blocked --
+-- A fragment of the claim statements: the (topic, key)s of partition $1 whose earliest row waits for
+-- a retry; their later rows are held back.
+blocked AS (
     SELECT topic, key, min(id) AS first_id
     FROM {schema}.outbox
     WHERE partition = $1 AND published_at IS NULL AND next_attempt_at > now() AND key IS NOT NULL
     GROUP BY topic, key
-),
-candidates AS MATERIALIZED (
-    SELECT o.id,
-           octet_length(o.payload)::bigint + coalesce(octet_length(o.key), 0)
-               + octet_length(o.headers::text) AS size
-    FROM {schema}.outbox o
-    WHERE o.partition = $1
-      AND o.published_at IS NULL
-      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-      AND NOT (o.topic LIKE ANY ($6::text[]))
-      AND o.topic <> ALL ($8::text[])
-      AND NOT EXISTS (
-          SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
-      AND {fragment:lease_fence}
-    ORDER BY o.id
-    LIMIT $5
-    FOR UPDATE OF o SKIP LOCKED
-),
+)
+
+-- claim_row_size --
+-- A fragment of the claim statements: the bytes of outbox row `o` the claim budget counts.
+-- octet_length does not detoast: sizing a row reads no payload.
+octet_length(o.payload)::bigint + coalesce(octet_length(o.key), 0)
+    + octet_length(o.headers::text)
+
+-- claim_claimable --
+-- A fragment of the claim statements: outbox row `o` may be claimed now by the holder of partition
+-- $1's lease ($2-$4): unpublished, due, not paused ($6, LIKE patterns), not skipped ($8), not behind
+-- an earlier row of its key that waits for a retry (`blocked`).
+o.partition = $1
+  AND o.published_at IS NULL
+  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+  AND NOT (o.topic LIKE ANY ($6::text[]))
+  AND o.topic <> ALL ($8::text[])
+  AND NOT EXISTS (
+      SELECT 1 FROM blocked b WHERE b.topic = o.topic AND b.key = o.key AND b.first_id < o.id)
+  AND {fragment:lease_fence}
+
+-- claim_sized --
+-- A fragment of the claim statements: each candidate's place and the running sum of their sizes.
 sized AS (
     SELECT id,
            row_number() OVER w AS n,
@@ -51,12 +51,83 @@ sized AS (
     FROM candidates
     WINDOW w AS (ORDER BY id)
 )
+
+-- claim_batch --
+-- The oldest publishable rows of one partition ($1), in id order: at most $5 rows, and only the
+-- prefix whose payload, key and header bytes add up to at most $7 (but always the first row, so an
+-- event larger than the budget still moves). A (topic, key) whose earliest row waits for a retry
+-- holds back its later rows; paused topics ($6, LIKE patterns) and skipped topics ($8) are left
+-- alone. $2-$4: the fence.
+-- Postgres allows no window function beside FOR UPDATE, so `candidates` locks ids and sizes and the
+-- running sum is taken outside it.
+WITH {fragment:claim_blocked},
+candidates AS MATERIALIZED (
+    SELECT o.id,
+           {fragment:claim_row_size} AS size
+    FROM {schema}.outbox o
+    WHERE {fragment:claim_claimable}
+    ORDER BY o.id
+    LIMIT $5
+    FOR UPDATE OF o SKIP LOCKED
+),
+{fragment:claim_sized}
 SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.headers::text AS headers,
        o.created_at, o.attempts, o.first_attempt_at
 FROM sized s
 JOIN {schema}.outbox o ON o.id = s.id
 WHERE s.n = 1 OR s.running <= $7::bigint
 ORDER BY o.id;
+
+-- claim_after_settling --
+-- A fragment: the rest of settle_delete_and_claim / settle_retain_and_claim after their `settled`
+-- CTE. Every part of a statement sees the same snapshot, so the rows being settled ($9) would still
+-- look claimable: they are left out by id. Always at least one row, whose `settled` says how many of
+-- $9 were settled; a row with a NULL id stands for "nothing claimed".
+{fragment:claim_blocked},
+candidates AS MATERIALIZED (
+    SELECT o.id,
+           {fragment:claim_row_size} AS size
+    FROM {schema}.outbox o
+    WHERE {fragment:claim_claimable}
+      AND o.id <> ALL ($9::bigint[])
+    ORDER BY o.id
+    LIMIT $5
+    FOR UPDATE OF o SKIP LOCKED
+),
+{fragment:claim_sized},
+claimed AS (
+    SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.headers::text AS headers,
+           o.created_at, o.attempts, o.first_attempt_at
+    FROM sized s
+    JOIN {schema}.outbox o ON o.id = s.id
+    WHERE s.n = 1 OR s.running <= $7::bigint
+)
+SELECT c.*, (SELECT count(*) FROM settled) AS settled
+FROM (VALUES (1)) AS one (n)
+LEFT JOIN claimed c ON true
+ORDER BY c.id;
+
+-- settle_delete_and_claim --
+-- settle_delete of the previous batch's published rows ($9) and claim_batch in one round trip, for
+-- a worker that claims again straight after publishing (the fence, $2-$4, guards both).
+WITH settled AS (
+    DELETE FROM {schema}.outbox o
+    WHERE o.id = ANY ($9::bigint[])
+      AND {fragment:lease_fence}
+    RETURNING o.id
+),
+{fragment:claim_after_settling}
+
+-- settle_retain_and_claim --
+-- settle_retain of $9 and claim_batch in one round trip (see settle_delete_and_claim).
+WITH settled AS (
+    UPDATE {schema}.outbox o
+    SET published_at = now()
+    WHERE o.id = ANY ($9::bigint[])
+      AND {fragment:lease_fence}
+    RETURNING o.id
+),
+{fragment:claim_after_settling}
 
 -- next_retry_delay --
 -- Seconds until the earliest retry of a partition is due (NULL when nothing waits).

@@ -79,12 +79,23 @@ def test_a_name_defined_twice_is_refused() -> None:
         read_blocks("-- a --\nSELECT 1;\n\n-- a --\nSELECT 2;\n")
 
 
-def test_unknown_and_nested_fragments_are_refused() -> None:
+def test_unknown_and_circular_fragments_are_refused() -> None:
     with pytest.raises(RuntimeError, match="unknown fragment 'nope'"):
         inline_fragments(read_blocks("-- a --\nSELECT 1 WHERE {fragment:nope};\n"))
-    nested = "-- f --\ntrue\n\n-- g --\n{fragment:f}\n\n-- a --\nSELECT 1 WHERE {fragment:g};\n"
-    with pytest.raises(RuntimeError, match=r"'g' .* uses another fragment"):
-        inline_fragments(read_blocks(nested))
+    circular = "-- f --\n{fragment:g}\n\n-- g --\n{fragment:f}\n\n-- a --\nSELECT 1 WHERE {fragment:g};\n"
+    with pytest.raises(RuntimeError, match="uses itself"):
+        inline_fragments(read_blocks(circular))
+
+
+def test_a_fragment_may_use_another_and_each_lines_up_with_its_placeholder() -> None:
+    text = (
+        "-- f --\n-- the innermost\nx = 1\nAND y = 2\n\n"
+        "-- g --\nEXISTS (\n    SELECT 1 WHERE {fragment:f})\n\n"
+        "-- a --\nSELECT 1\nWHERE true\n  AND {fragment:g};\n"
+    )
+    assert inline_fragments(read_blocks(text))["a"] == (
+        "SELECT 1\nWHERE true\n  AND EXISTS (\n      SELECT 1 WHERE x = 1\n      AND y = 2);"
+    )
 
 
 def test_schema_is_quoted_and_checked() -> None:

@@ -12,7 +12,15 @@ import relay
 from relay.sql import queries
 
 # Every statement on the relay path that writes to outbox or dead_letter_archive.
-FENCED_WRITES = ("claim_batch", "settle_delete", "settle_retain", "record_failures", "dead_letter")
+FENCED_WRITES = (
+    "claim_batch",
+    "settle_delete",
+    "settle_retain",
+    "settle_delete_and_claim",
+    "settle_retain_and_claim",
+    "record_failures",
+    "dead_letter",
+)
 
 # The shape of a hand-written fence: a lookup of the lease by holder and token.
 HAND_WRITTEN_FENCE = re.compile(r"distributed_locks\s+l\s+WHERE\s+l\.name\s*=\s*\$\d+.*?l\.token\s*=", re.S)
@@ -51,11 +59,21 @@ def test_the_fence_is_written_by_hand_nowhere_but_in_its_fragment() -> None:
             assert not HAND_WRITTEN_FENCE.search(body), (
                 f"{path.name}: block {name} spells out the lease fence; use {{fragment:lease_fence}}"
             )
-    raw = {p.name: p.read_text(encoding="utf-8") for p in files}
+    raw = [blocks(p.read_text(encoding="utf-8")) for p in files]
     for name in FENCED_WRITES:
-        assert any("{fragment:lease_fence}" in blocks(text).get(name, "") for text in raw.values()), (
+        assert any(uses_fence(name, written) for written in raw), (
             f"{name} does not use {{fragment:lease_fence}}"
         )
+
+
+def uses_fence(name: str, written: dict[str, str]) -> bool:
+    """Whether block `name` uses {fragment:lease_fence}, itself or through fragments it uses."""
+    body = written.get(name, "")
+    return "{fragment:lease_fence}" in body or any(
+        uses_fence(fragment, written)
+        for fragment in re.findall(r"\{fragment:([a-z_]+)\}", body)
+        if fragment != "lease_fence"
+    )
 
 
 def test_inlined_fragments_keep_the_statement_indentation() -> None:

@@ -60,6 +60,24 @@ class FakeStore:
         self.rows = [r for r in self.rows if r.id not in set(ids)]
         return len(ids)
 
+    async def settle_and_claim(
+        self,
+        settle_ids: Sequence[int],
+        partition: int,
+        limit: int,
+        paused_like: Sequence[str],
+        fence: Any,
+        *,
+        retain: bool,
+        max_bytes: int,
+        skip_topics: Sequence[str] = (),
+    ) -> tuple[int, list[OutboxRow]]:
+        settled = await self.settle(settle_ids, fence, retain=retain)
+        claimed = await self.claim_batch(
+            partition, limit, paused_like, fence, max_bytes=max_bytes, skip_topics=skip_topics
+        )
+        return settled, claimed
+
 
 class FakeRouter:
     def __init__(self) -> None:
@@ -93,6 +111,9 @@ def make_worker(store: FakeStore, router: FakeRouter, budget: ByteBudget, **sett
     config = RelaySettings(
         claim_max_bytes=settings.pop("claim_max_bytes", 100 * KIB),
         inflight_max_bytes=budget.capacity,
+        # Each batch marked done at once unless a test says otherwise (test_worker_settle covers the
+        # default, where the next claim does it).
+        settle_delay=settings.pop("settle_delay", 0.0),
         **settings,
     )
     ctx = WorkerContext(
