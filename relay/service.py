@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -173,6 +174,11 @@ class RelayService:
             )
             self.supervisor.supervise("liveness", watcher.run, backoff=FailureBackoff(0.2, 5.0)).start()
         self.started = True
+        # What start-up created (modules, settings, clients, metric instruments: ~100k objects) lives
+        # as long as the process; out of the collector's sight, a full collection no longer walks it
+        # and stops the event loop for ~1 ms instead of ~25 ms.
+        gc.collect()
+        gc.freeze()
         log.info(
             "relay started",
             extra={
