@@ -5,6 +5,7 @@ change hands, and the backlog must keep shrinking."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -163,14 +164,18 @@ async def test_a_read_storm_on_a_million_row_backlog_does_not_cost_a_lease(
 
         changes: list[str] = []
 
+        done = asyncio.Event()
+
         async def watch() -> None:
-            while True:
+            # Stops between two queries: cancelling one mid-query would leave `conn` busy.
+            while not done.is_set():
                 table = await lease_table(conn, fleet.schema)
                 for name, (holder, token, live) in table.items():
                     was = before.get(name)
                     if was is None or (holder, token) != was[:2] or not live:
                         changes.append(f"{name}: {was} -> {(holder, token, live)}")
-                await asyncio.sleep(0.25)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 0.25)
 
         watcher = asyncio.create_task(watch())
         try:
@@ -178,7 +183,8 @@ async def test_a_read_storm_on_a_million_row_backlog_does_not_cost_a_lease(
             result = await storm(addr, STORM_SECONDS, CONCURRENCY)
             storm_took = time.monotonic() - storm_started
         finally:
-            watcher.cancel()
+            done.set()
+            await watcher
         pending_after = int(await conn.fetchval(f'SELECT count(*) FROM "{fleet.schema}".outbox'))
         after = await lease_table(conn, fleet.schema)
     finally:
