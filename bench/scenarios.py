@@ -23,7 +23,9 @@ from bench.plan import Plan
 from bench.report import Bar, Figure, Results
 from bench.stack import (
     BenchError,
+    CpuTrace,
     Servers,
+    broker_process,
     cpu_by_pid,
     create_topic,
     dead_letters,
@@ -351,6 +353,8 @@ class LatencyRun:
     postgres_cpu: float = float("nan")  # cores the embedded Postgres used
     pickup: dict[str, float] = field(default_factory=dict)  # payload time -> producer append, ms
     broker: dict[str, float] = field(default_factory=dict)  # producer append -> consumer, ms
+    broker_cpu_first: float = float("nan")  # cores the embedded broker used in the first window of the run
+    broker_cpu_last: float = float("nan")  # ... and in the last one, at the same rate
 
 
 class LatencyConsumer:
@@ -389,6 +393,7 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
     warm = int(rate * plan.latency_warmup)
     topic = await create_topic(servers.kafka, "bench.latency")
     reader = LatencyConsumer(servers.kafka, topic)
+    broker_cpu = CpuTrace(broker_process(servers))
     try:
         await reader.ready()
         if listen is None:
@@ -409,7 +414,8 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                         )
                     )
 
-                committed = await paced(rate, seconds + plan.latency_warmup, 1, produce)
+                async with broker_cpu.running():
+                    committed = await paced(rate, seconds + plan.latency_warmup, 1, produce)
                 await asyncio.gather(*pending_acks)
             finally:
                 await producer.stop()
@@ -434,7 +440,8 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
                         cpu0, machine0 = relay_cpu_seconds(fleet), machine_cpu()
                         pg0 = cpu_by_pid(postgres_processes(servers))
                         began = time.monotonic()
-                        committed = await paced(rate, seconds + plan.latency_warmup, 16, write)
+                        async with broker_cpu.running():
+                            committed = await paced(rate, seconds + plan.latency_warmup, 16, write)
                         relay_cpu = (relay_cpu_seconds(fleet) - cpu0) / (time.monotonic() - began)
                         pg_cpu = postgres_cpu_since(servers, pg0) / (time.monotonic() - began)
                         busy = machine_busy_since(machine0)
@@ -461,6 +468,8 @@ async def latency_once(servers: Servers, plan: Plan, rate: int, listen: bool | N
         postgres_cpu=pg_cpu,
         pickup=latency_summary([pickup for _, _, pickup in measured]),
         broker=latency_summary([latency - pickup for _, latency, pickup in measured]),
+        broker_cpu_first=broker_cpu.first(),
+        broker_cpu_last=broker_cpu.last(),
     )
 
 
@@ -505,6 +514,11 @@ async def run_latency(servers: Servers, plan: Plan, results: Results) -> None:
             for leg in ("pickup", "broker"):
                 values = [getattr(r, leg)["p99"] for r in runs]
                 results.add(Figure(f"{name}.{leg}_p99_ms", median(values), "ms", "info", reps=values))
+            for window in ("first", "last"):
+                values = [getattr(r, f"broker_cpu_{window}") for r in runs]
+                results.add(
+                    Figure(f"{name}.broker_cpu_{window}", median(values), "cores", "info", reps=values)
+                )
             if mode != "raw":
                 for key, unit in (
                     ("relay_cpu", "cores"),
@@ -552,7 +566,10 @@ async def run_latency(servers: Servers, plan: Plan, results: Results) -> None:
         f" aiokafka producer sends the same events at the same rate for {plan.floor_seconds:g} s (after the same"
         " warm-up) to a fresh topic: the floor the broker and the consumer set without any relay. Tansu's"
         " in-memory store slows down as a topic fills, so latency grows during a run even without the relay"
-        " (see the plot); pickup_p99_ms isolates the relay's share.",
+        " (see the plot); pickup_p99_ms isolates the relay's share. broker_cpu_first / broker_cpu_last: the"
+        " cores the embedded broker used in the first and the last 2 s of the run, at the same rate: the"
+        " broker's own cost per event growing as the topic fills, which leaves less of the machine to"
+        " everything else and shows in broker_p99_ms (append to the producer's batch -> consumer).",
     )
 
 
@@ -808,7 +825,9 @@ async def memory_large_once(servers: Servers, plan: Plan, verify: bool, **extra:
                 log.info(
                     "memory_large: %d events of %d KiB committed in %.0f s", rows, size // 1024, inserted
                 )
-                elapsed = await drain_with_progress(fleet, probe, schema, rows, progress, 1800, "memory_large")
+                elapsed = await drain_with_progress(
+                    fleet, probe, schema, rows, progress, 1800, "memory_large"
+                )
                 await asyncio.sleep(0.3)
                 stop.set()
                 await sampler
@@ -1016,7 +1035,13 @@ async def run_dbcost(servers: Servers, plan: Plan, results: Results) -> None:
 
 
 async def drain_with_progress(
-    fleet: Fleet, probe: Any, schema: str, rows: int, progress: list[tuple[float, float]], limit: float, what: str
+    fleet: Fleet,
+    probe: Any,
+    schema: str,
+    rows: int,
+    progress: list[tuple[float, float]],
+    limit: float,
+    what: str,
 ) -> float:
     """Waits for the backlog to drain, recording the fraction done over time; returns the seconds taken."""
     committed = time.monotonic()

@@ -248,6 +248,53 @@ def cpu_by_pid(processes: list[psutil.Process]) -> dict[int, float]:
     return out
 
 
+def broker_process(servers: Servers) -> psutil.Process | None:
+    """The embedded Kafka broker (Tansu); None for an external one."""
+    pid = servers.embedded.pids().get("kafka") if servers.embedded is not None else None
+    if pid is None:
+        return None
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid)
+    return None
+
+
+@dataclass
+class CpuTrace:
+    """Cores one process used in each `step`-second window while the trace ran (empty when there is
+    no process to watch, e.g. an external broker)."""
+
+    process: psutil.Process | None
+    step: float = 2.0
+    windows: list[float] = field(default_factory=list)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[CpuTrace]:
+        task = asyncio.create_task(self._sample()) if self.process is not None else None
+        try:
+            yield self
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _sample(self) -> None:
+        assert self.process is not None
+        with contextlib.suppress(psutil.Error):
+            last = cpu_seconds([self.process])
+            while True:
+                await asyncio.sleep(self.step)
+                now = cpu_seconds([self.process])
+                self.windows.append((now - last) / self.step)
+                last = now
+
+    def first(self) -> float:
+        return self.windows[0] if self.windows else float("nan")
+
+    def last(self) -> float:
+        return self.windows[-1] if self.windows else float("nan")
+
+
 def postgres_cpu_since(servers: Servers, before: dict[int, float]) -> float:
     """CPU seconds the embedded Postgres (postmaster and every backend, new ones included) used since
     `before` (from cpu_by_pid(postgres_processes(servers))); NaN for an external server."""
