@@ -190,7 +190,8 @@ async def _xadd_pipeline(client: aioredis.Redis, stream: str, entries: RedisEntr
 
 async def _xadd_script(client: aioredis.Redis, stream: str, entries: RedisEntries) -> object:
     script = client.register_script(XADD_BATCH_SCRIPT)  # loads it once (NOSCRIPT), then EVALSHA
-    return await script(keys=[stream] * len(entries), args=script_args(None, entries))
+    streams, args = script_args(None, ((stream, fields) for fields in entries))
+    return await script(keys=streams, args=args)
 
 
 async def redis_xadd(servers: Servers, size: int, count: int, chunk: int = 2000) -> float:

@@ -36,27 +36,39 @@ def stream_name(row: OutboxRow, shards: dict[str, int]) -> str:
     return f"{row.topic}:{zlib.crc32(shard_by.encode()) % count}"
 
 
-# One XADD per stream named in KEYS. ARGV[1] is the approximate MAXLEN (0: none); then, per entry,
-# its number of fields followed by the field-value pairs. Returns, per entry, the new entry id, or
-# '!' and the error: one entry's failure (say WRONGTYPE) neither stops nor undoes the others, but
-# after a stream's entry failed its later entries are not added ('!DEFERRED'), so an event never
-# lands ahead of an earlier event of its key (a key always maps to one stream).
+# One XADD per entry. KEYS: the batch's streams, each once. ARGV[1]: the approximate MAXLEN (0: none);
+# ARGV[2]: the entries, one after the other, as length-prefixed strings ("<length>:<bytes>"): the
+# entry's stream (its 1-based index in KEYS), its number of fields, then the field-value pairs. One
+# argument rather than one per field: redis-py packs each argument in Python, which cost the relay
+# more than the XADDs cost Redis. Returns, per entry, the new entry id, or '!' and the error: one
+# entry's failure (say WRONGTYPE) neither stops nor undoes the others, but after a stream's entry
+# failed its later entries are not added ('!DEFERRED'), so an event never lands ahead of an earlier
+# event of its key (a key always maps to one stream).
 XADD_BATCH_SCRIPT = """
 local maxlen = tonumber(ARGV[1])
-local at = 2
+local entries = ARGV[2]
+local at = 1
+local function take()
+  local colon = string.find(entries, ':', at, true)
+  local stop = colon + tonumber(string.sub(entries, at, colon - 1))
+  local value = string.sub(entries, colon + 1, stop)
+  at = stop + 1
+  return value
+end
 local ids = {}
 local failed = {}
-for i, stream in ipairs(KEYS) do
-  local fields = tonumber(ARGV[at])
+while at <= #entries do
+  local stream = KEYS[tonumber(take())]
+  local fields = tonumber(take())
   local args = {stream}
   if maxlen > 0 then
     args[2], args[3], args[4] = 'MAXLEN', '~', maxlen
   end
   args[#args + 1] = '*'
-  for j = at + 1, at + 2 * fields do
-    args[#args + 1] = ARGV[j]
+  for _ = 1, 2 * fields do
+    args[#args + 1] = take()
   end
-  at = at + 2 * fields + 1
+  local i = #ids + 1
   if failed[stream] then
     ids[i] = '!DEFERRED'
   else
@@ -86,14 +98,33 @@ def stream_fields(row: OutboxRow) -> dict[str, bytes | str]:
     return fields
 
 
-def script_args(maxlen: int | None, entries: Iterable[dict[str, bytes | str]]) -> list[bytes | str | int]:
-    """ARGV of XADD_BATCH_SCRIPT: the MAXLEN, then per entry its field count and field-value pairs."""
-    args: list[bytes | str | int] = [maxlen or 0]
-    for fields in entries:
-        args.append(len(fields))
-        for pair in fields.items():
-            args.extend(pair)
-    return args
+def script_args(
+    maxlen: int | None, entries: Iterable[tuple[str, dict[str, bytes | str]]]
+) -> tuple[list[str], list[bytes | int]]:
+    """KEYS and ARGV of XADD_BATCH_SCRIPT for (stream, fields) entries, in order."""
+    streams: dict[str, int] = {}
+    packed: list[bytes] = []
+    for stream, fields in entries:
+        index = streams.setdefault(stream, len(streams) + 1)
+        packed.append(_entry_head(index, len(fields)))
+        for name, value in fields.items():
+            data = value.encode() if isinstance(value, str) else value
+            packed += (_prefixed_name(name), b"%d:" % len(data), data)
+    return list(streams), [maxlen or 0, b"".join(packed)]
+
+
+@lru_cache(maxsize=256)
+def _entry_head(index: int, fields: int) -> bytes:
+    return _prefixed(b"%d" % index) + _prefixed(b"%d" % fields)
+
+
+@lru_cache(maxsize=64)
+def _prefixed_name(name: str) -> bytes:
+    return _prefixed(name.encode())
+
+
+def _prefixed(data: bytes) -> bytes:
+    return b"%d:%b" % (len(data), data)
 
 
 def headers_json(headers: dict[str, str]) -> str:
@@ -190,11 +221,12 @@ class RedisSink:
     async def _publish_scripted(
         self, client: aioredis.Redis, rows: Sequence[OutboxRow]
     ) -> list[PublishResult]:
-        """The whole batch in one command: redis-py's per-command packing and reply parsing cost
-        more than the XADDs themselves."""
+        """The whole batch in one command of three arguments: redis-py's packing and reply parsing
+        per command (and per argument) cost more than the XADDs themselves."""
         shards = self._settings.redis_shards
-        streams = [stream_name(row, shards) for row in rows]
-        args = script_args(self._settings.redis_maxlen, (stream_fields(row) for row in rows))
+        streams, args = script_args(
+            self._settings.redis_maxlen, ((stream_name(row, shards), stream_fields(row)) for row in rows)
+        )
         try:
             replies = await self._xadd_batch(keys=streams, args=args, client=client)
         except ResponseError as exc:

@@ -262,6 +262,63 @@ async def test_a_redis_entry_that_fails_fails_alone(
         await redis_client.delete(topic, f"{topic}.not-a-stream")
 
 
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "pipeline"])
+async def test_a_redis_batch_across_streams_keeps_every_byte_and_each_streams_order(
+    stack: StackEndpoints, redis_client: aioredis.Redis, scripts: bool
+) -> None:
+    """The script takes its entries as one length-prefixed argument: payloads that look like that
+    framing (digits, colons), empty ones, non-ASCII keys and many streams interleaved must come out
+    exactly as they went in, each stream in batch order."""
+    topic = f"sink.{uuid.uuid4().hex[:10]}"
+    streams = [f"{topic}.{n}" for n in range(7)]
+    payloads = [b"", b"12:", b":", b"3:abc", b"\x00:\xff" * 50, "ключ:é".encode(), b"0:" * 1000]
+    sink = await started_redis_sink(sink_settings(stack, redis_scripts=scripts))
+    try:
+        rows = [
+            make_row(streams[n % 7], f"ключ-{n % 3}" if n % 2 else None, payloads[n % 7] + b"%d" % n, n=n)
+            for n in range(300)
+        ]
+        results = await sink.publish(rows)
+        assert all(r.ok for r in results), results
+        for stream in streams:
+            mine = [row for row in rows if row.topic == stream]
+            entries = await redis_client.xrange(stream)
+            assert [fields[b"payload"] for _, fields in entries] == [row.payload for row in mine]
+            assert [fields[b"message-id"] for _, fields in entries] == [
+                str(row.message_id).encode() for row in mine
+            ]
+            assert [fields.get(b"key") for _, fields in entries] == [
+                row.key.encode() if row.key is not None else None for row in mine
+            ]
+    finally:
+        await sink.stop()
+        await redis_client.delete(*streams)
+
+
+async def test_a_scripted_batch_defers_the_rest_of_a_failed_stream_only(
+    stack: StackEndpoints, redis_client: aioredis.Redis
+) -> None:
+    topic = f"sink.{uuid.uuid4().hex[:10]}"
+    broken = f"{topic}.not-a-stream"
+    await redis_client.set(broken, "a plain string")
+    sink = await started_redis_sink(sink_settings(stack, redis_scripts=True))
+    try:
+        rows = [make_row(broken if n % 2 else topic, f"k{n}", b"%d" % n, n=n) for n in range(6)]
+        results = await sink.publish(rows)
+        assert [r.outcome for r in results] == [
+            Outcome.PUBLISHED,
+            Outcome.RETRY,
+            Outcome.PUBLISHED,
+            Outcome.DEFERRED,
+            Outcome.PUBLISHED,
+            Outcome.DEFERRED,
+        ]
+        assert [fields[b"payload"] for _, fields in await redis_client.xrange(topic)] == [b"0", b"2", b"4"]
+    finally:
+        await sink.stop()
+        await redis_client.delete(topic, broken)
+
+
 async def test_a_redis_that_refuses_scripts_is_unavailable_not_a_failure_of_the_events(
     stack: StackEndpoints, redis_client: aioredis.Redis
 ) -> None:
