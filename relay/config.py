@@ -127,8 +127,9 @@ class RelaySettings(DatabaseSettings):
         0.05,
         ge=0,
         le=1.0,
-        description="Seconds an acknowledged batch may wait to be marked done in the same statement as its"
-        " partition's next claim (one round trip instead of two); 0 marks it done at once.",
+        description="Seconds an acknowledged batch that left nothing waiting may wait to be marked done in"
+        " the same statement as its partition's next claim (one round trip instead of two); 0 marks"
+        " every batch done at once.",
     )
     retention: float = Field(3600.0, ge=0, description="Seconds published rows are kept in retain mode.")
     cleanup_batch_size: int = Field(1000, ge=1)

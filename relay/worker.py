@@ -364,8 +364,9 @@ class PartitionWorker:
                 self.partition,
                 len(outcome.out_of_order),
             )
-        await self._settle(outcome)
-        return outcome.deferred > 0 or claimed >= ctx.settings.batch_size
+        more = outcome.deferred > 0 or claimed >= ctx.settings.batch_size
+        await self._settle(outcome, at_once=more)
+        return more
 
     async def _publish(self, plan: BatchPlan) -> list[PublishResult] | None:
         """Results per sent row, or None when nothing can be settled yet (the lease's trust window
@@ -418,14 +419,14 @@ class PartitionWorker:
             self._inflight = None
             raise PublishCrashedError(f"the publish failed unexpectedly: {exc!r}") from exc
 
-    async def _settle(self, outcome: Settlement) -> None:
+    async def _settle(self, outcome: Settlement, at_once: bool) -> None:
         ctx, fence = self._ctx, self.lease.fence
         if outcome.published:
             assert not self._unsettled, "a claim settles the batch before it"
             self._unsettled = list(outcome.published)
             self._acked_at = datetime.now(UTC)
             self._settle_by = time.monotonic() + ctx.settings.settle_delay
-            if ctx.settings.settle_delay <= 0:
+            if at_once or ctx.settings.settle_delay <= 0:
                 await self._settle_alone()
         if outcome.retry:
             rows, delays, errors = zip(*outcome.retry, strict=True)

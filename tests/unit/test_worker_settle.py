@@ -1,8 +1,10 @@
-"""PartitionWorker marks an acknowledged batch done in the same statement as the partition's next
-claim (OUTBOX_SETTLE_DELAY): one round trip per batch instead of two. What must hold: a claim never
-returns a row it is settling; nothing is published while an earlier batch is still unsettled, so a
-crash can repeat at most one batch per partition; a quiet partition, a stop, a pause and a lost
-lease each settle or give up correctly. Fakes only (the statement itself: tests/integration)."""
+"""PartitionWorker marks an acknowledged batch that left nothing waiting done in the same statement
+as the partition's next claim (OUTBOX_SETTLE_DELAY): one round trip per batch instead of two. A full
+batch (more is waiting) is marked done at once, on its own: the claim straight after it would
+otherwise have to pass over every row it settles. What must hold: a claim never returns a row it is
+settling; nothing is published while an earlier batch is still unsettled, so a crash can repeat at
+most one batch per partition; a quiet partition, a stop, a pause and a lost lease each settle or
+give up correctly. Fakes only (the statement itself: tests/integration)."""
 
 from __future__ import annotations
 
@@ -84,20 +86,38 @@ def setup(rows: int, **settings: Any) -> tuple[RecordingStore, CountingRouter, A
 
 
 async def test_the_next_claim_settles_the_batch_before_it_in_the_same_statement() -> None:
+    store, router, worker = setup(1, batch_size=10)
+
+    assert not await worker.process_batch()  # row 1 published; not yet marked done
+    assert store.calls == [("claim", None)]
+    assert [r.id for r in store.rows] == [1]
+
+    store.rows.append(row(2, 10))  # committed meanwhile
+    assert not await worker.process_batch()
+    assert store.calls[-1] == ("settle+claim", (1,))
+    assert [r.id for r in store.rows] == [2]
+
+    assert not await worker.process_batch()  # nothing left to claim; row 2 settled on the way
+    assert store.rows == [] and router.sent == [1, 2]
+    assert [name for name, _ in store.calls] == ["claim", "settle+claim", "settle+claim"]
+
+
+async def test_a_full_batch_is_settled_at_once_on_its_own() -> None:
+    """More is waiting: the next claim comes straight away, and folding the settle into it would make
+    Postgres pass over every row being settled (they are still visible to the claim's snapshot)."""
     store, router, worker = setup(5, batch_size=2)
 
-    assert await worker.process_batch()  # rows 1, 2 published; not yet marked done
-    assert store.calls == [("claim", None)]
-    assert [r.id for r in store.rows] == [1, 2, 3, 4, 5]
-
     assert await worker.process_batch()
-    assert store.calls[-1] == ("settle+claim", (1, 2))
+    assert store.calls == [("claim", None), ("settle", (1, 2))]
     assert [r.id for r in store.rows] == [3, 4, 5]
 
-    assert not await worker.process_batch()  # row 5 alone: not full
-    assert not await worker.process_batch()  # nothing left to claim; row 5 settled on the way
-    assert store.rows == [] and router.sent == [1, 2, 3, 4, 5]
-    assert [name for name, _ in store.calls] == ["claim", "settle+claim", "settle+claim", "settle+claim"]
+    assert await worker.process_batch()
+    assert store.calls[-2:] == [("claim", None), ("settle", (3, 4))]
+
+    assert not await worker.process_batch()  # row 5 alone: not full, left for the next claim
+    assert [r.id for r in store.rows] == [5] and router.sent == [1, 2, 3, 4, 5]
+    assert not await worker.process_batch()
+    assert store.rows == [] and store.calls[-1] == ("settle+claim", (5,))
 
 
 async def test_nothing_is_published_while_an_earlier_batch_is_unsettled() -> None:
@@ -145,10 +165,11 @@ async def test_a_paused_worker_still_settles_what_it_published() -> None:
 
 
 async def test_a_lease_lost_at_the_combined_statement_publishes_nothing_more() -> None:
-    store, router, worker = setup(4, batch_size=2)
+    store, router, worker = setup(2, batch_size=10)
     lost: list[int] = []
     worker._ctx.lease_lost = lost.append
-    assert await worker.process_batch()
+    assert not await worker.process_batch()
+    store.rows += [row(3, 10), row(4, 10)]
     store.lose_lease = True
     assert not await worker.process_batch()
     assert router.sent == [1, 2], "rows claimed under a lost lease are not published"
@@ -157,8 +178,9 @@ async def test_a_lease_lost_at_the_combined_statement_publishes_nothing_more() -
 
 
 async def test_a_failed_statement_keeps_the_batch_to_settle_with_the_next_one() -> None:
-    store, router, worker = setup(3, batch_size=2)
-    assert await worker.process_batch()
+    store, router, worker = setup(2, batch_size=10)
+    assert not await worker.process_batch()
+    store.rows.append(row(3, 10))
     calls = len(store.calls)
     original = store.settle_and_claim
 
@@ -177,7 +199,7 @@ async def test_a_failed_statement_keeps_the_batch_to_settle_with_the_next_one() 
 
 
 async def test_rows_that_fail_are_recorded_at_once_and_not_settled() -> None:
-    store, router, worker = setup(2, batch_size=2)
+    store, router, worker = setup(2, batch_size=3)
     failures: list[tuple[int, ...]] = []
 
     async def record_failures(ids: Sequence[int], *_: Any) -> int:
