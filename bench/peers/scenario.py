@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import psutil
@@ -42,6 +43,7 @@ from bench.stack import (
 from bench.stats import latency_summary, median, ratio
 
 log = logging.getLogger("bench")
+T = TypeVar("T")
 
 OURS = "outbox-relay"
 OUR_RUNNER = "bench.peers.outbox_relay_runner"
@@ -284,7 +286,7 @@ async def latency_once(contender: Contender, servers: Servers, plan: Plan) -> Ru
     )
 
 
-def in_turn(everyone: list[Contender], rep: int) -> list[Contender]:
+def in_turn(everyone: list[T], rep: int) -> list[T]:
     """Everyone, the first of them changing with each repetition: whoever runs first after another
     scenario (or another relay's process) does not always pay for it."""
     first = rep % len(everyone) if everyone else 0

@@ -12,7 +12,7 @@ from bench.__main__ import parse_args, results_stem
 from bench.consumer import KeyOrder
 from bench.peers import venv
 from bench.peers.runner import Env
-from bench.peers.scenario import OURS, Run, add_figures, parse_emitted
+from bench.peers.scenario import OURS, Run, add_figures, in_turn, parse_emitted
 from bench.plan import PEERS, SCENARIOS, Plan, parse_only
 from bench.report import Results, render_markdown
 from bench.stack import BenchError
@@ -139,3 +139,11 @@ def test_a_peer_that_did_not_deliver_everything_has_no_drain_rate() -> None:
     add_figures(results, Plan.smoke(), {"omni-box": [drain]}, {"omni-box": []})
     assert math.isnan(results.get("peers.omni-box.drain.events_per_s").value)  # type: ignore[union-attr]
     assert results.get("peers.omni-box.lost").value == 1  # type: ignore[union-attr]
+
+
+def test_each_repetition_starts_with_another_relay_and_runs_every_one_once() -> None:
+    everyone = ["ours", "a", "b", "c"]
+    orders = [in_turn(everyone, rep) for rep in range(4)]
+    assert [order[0] for order in orders] == everyone
+    assert all(sorted(order) == sorted(everyone) for order in orders)
+    assert in_turn([], 2) == []  # no peer installed, and ours failed to start: nothing to run
