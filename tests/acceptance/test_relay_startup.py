@@ -79,6 +79,11 @@ async def test_a_relay_started_before_kafka_serves_redis_meanwhile(
                 return len(await read_redis(urls.redis_url, stream)) >= 200
 
             await wait_until(redis_done, 30, what="Redis events while Kafka is down")
+
+            async def redis_settled() -> bool:  # marked done up to OUTBOX_SETTLE_DELAY after the ack
+                return await pending_count(database_url, schema) <= 200
+
+            await wait_until(redis_settled, 10, what="the Redis events marked done")
             assert await pending_count(database_url, schema) == 200, "Kafka events cannot have gone anywhere"
             await asyncio.to_thread(stack.start_kafka)
 
