@@ -825,9 +825,7 @@ async def memory_large_once(servers: Servers, plan: Plan, verify: bool, **extra:
                 log.info(
                     "memory_large: %d events of %d KiB committed in %.0f s", rows, size // 1024, inserted
                 )
-                elapsed = await drain_with_progress(
-                    fleet, probe, schema, rows, progress, 1800, "memory_large"
-                )
+                elapsed = await drain_with_progress(fleet, probe, schema, rows, progress, 1800, "memory_large")
                 await asyncio.sleep(0.3)
                 stop.set()
                 await sampler
@@ -1035,13 +1033,7 @@ async def run_dbcost(servers: Servers, plan: Plan, results: Results) -> None:
 
 
 async def drain_with_progress(
-    fleet: Fleet,
-    probe: Any,
-    schema: str,
-    rows: int,
-    progress: list[tuple[float, float]],
-    limit: float,
-    what: str,
+    fleet: Fleet, probe: Any, schema: str, rows: int, progress: list[tuple[float, float]], limit: float, what: str
 ) -> float:
     """Waits for the backlog to drain, recording the fraction done over time; returns the seconds taken."""
     committed = time.monotonic()

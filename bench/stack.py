@@ -280,13 +280,12 @@ class CpuTrace:
 
     async def _sample(self) -> None:
         assert self.process is not None
-        with contextlib.suppress(psutil.Error):
-            last = cpu_seconds([self.process])
-            while True:
-                await asyncio.sleep(self.step)
-                now = cpu_seconds([self.process])
-                self.windows.append((now - last) / self.step)
-                last = now
+        last = cpu_seconds([self.process])
+        while True:
+            await asyncio.sleep(self.step)
+            now = cpu_seconds([self.process])
+            self.windows.append((now - last) / self.step)
+            last = now
 
     def first(self) -> float:
         return self.windows[0] if self.windows else float("nan")
