@@ -18,6 +18,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY relay ./relay
 COPY control ./control
 COPY clients ./clients
+COPY outbox_relay ./outbox_relay
 # The extras: relay (migrate, run, control), cli (outboxctl), otlp (traces over OTLP).
 RUN pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/outbox-relay \

@@ -330,7 +330,7 @@ async def run_drain(
     results.note(
         "drain",
         f"{plan.backlog:,} rows committed by one INSERT ... SELECT generate_series while the relay processes"
-        " (`python -m relay run`, default settings, 16 partitions) already run with their leases balanced;"
+        " (`outbox-relay run`, default settings, 16 partitions) already run with their leases balanced;"
         " the clock runs from that commit until the outbox is empty. A fresh schema and a fresh 8-partition"
         " topic (or stream) per repetition. `delivered` counts the records read back from the topic/stream"
         " in the first repetition. relay_cpu / postgres_cpu: CPU cores used during the drain.",

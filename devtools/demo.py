@@ -223,7 +223,7 @@ async def run_demo(duration: float, rate: int, instances: int) -> int:
             RelayService(relay_settings(stack_urls, i, control_addr if i == 0 else None))
             for i in range(instances)
         ]
-        for relay in relays[:1]:  # the control plane inside the first relay, wired as relay.cli wires it
+        for relay in relays[:1]:  # the control plane inside the first relay, wired as outbox_relay.cli wires it
             relay.attach(ControlServer(ControlSettings(addr=control_addr), relay.settings, meter=relay.meter))
         for relay in relays:
             await relay.start()

@@ -59,7 +59,7 @@ class RelayFailedError(RuntimeError):
 
 class Attached(Protocol):
     """A server that lives and dies with the relay (RelayService.attach): the control plane inside
-    `outbox-relay run`, wired by relay.cli, so that relay/ never imports control/."""
+    `outbox-relay run`, wired by outbox_relay.cli, so that relay/ never imports control/."""
 
     async def start(self) -> None: ...
 

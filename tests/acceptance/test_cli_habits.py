@@ -40,7 +40,7 @@ db = outboxctl.db
 seed = outboxctl.seed
 
 WAIT_TIMEOUT = 60.0
-RELAY_MODULE = [sys.executable, "-m", "relay"]  # the console script's launcher (relay.console)
+RELAY_MODULE = [sys.executable, "-m", "outbox_relay"]  # the console script's launcher (outbox_relay.console)
 OUTBOXCTL_MODULE = [sys.executable, "-m", "clients.console"]
 
 

@@ -123,7 +123,7 @@ async def test_the_command_dry_run_then_clean_up(database_url: str, schema: str,
         "OUTBOX_INBOX_CLEANUP_BATCH_SIZE": "1000",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    command = [sys.executable, "-m", "relay", "inbox-cleanup"]
+    command = [sys.executable, "-m", "outbox_relay", "inbox-cleanup"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*command, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

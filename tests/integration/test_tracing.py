@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from devtools.embedded import StackEndpoints
-from relay.cli import app as relay_app
+from outbox_relay.cli import app as relay_app
 from relay.shared.version import __version__
 from relay.tracing import TracingConfigError, tracer_provider_from_env
 

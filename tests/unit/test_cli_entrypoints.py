@@ -24,10 +24,10 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("argv", "prog"),
     [
-        (("-m", "relay", "--version"), "outbox-relay"),  # the launcher (relay.console)
-        (("-m", "relay", "-V"), "outbox-relay"),
+        (("-m", "outbox_relay", "--version"), "outbox-relay"),  # the launcher (outbox_relay.console)
+        (("-m", "outbox_relay", "-V"), "outbox-relay"),
         (("-m", "clients.console", "--version"), "outboxctl"),
-        (("-c", "from relay.cli import main; main()", "--version"), "outbox-relay"),  # the commands' own option
+        (("-c", "from outbox_relay.cli import main; main()", "--version"), "outbox-relay"),  # the commands' own option
         (("-c", "from clients.cli import main; main()", "--version"), "outboxctl"),
     ],
 )
@@ -40,7 +40,7 @@ def test_version(argv: tuple[str, ...], prog: str) -> None:
     ("argv", "function"),
     [
         (("-m", "clients.console", "--show-completion", "bash"), "_outboxctl_completion"),
-        (("-m", "relay", "--show-completion", "bash"), "_outbox_relay_completion"),
+        (("-m", "outbox_relay", "--show-completion", "bash"), "_outbox_relay_completion"),
     ],
 )
 def test_shell_completion(argv: tuple[str, ...], function: str) -> None:

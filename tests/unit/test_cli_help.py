@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from relay.cli import app
+from outbox_relay.cli import app
 from relay.config import RelaySettings
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from clients.control import DEFAULT_ADDR, DEFAULT_TIMEOUT, ControlConfig
 from control.server import ControlSettings
-from relay.cli import app
+from outbox_relay.cli import app
 from relay.config import DatabaseSettings, RelaySettings, SettleMode, SinkKind
 from relay.shared.redaction import redact
 from relay.shared.secret_files import SECRETS_DIR_VARIABLE, secret_variables

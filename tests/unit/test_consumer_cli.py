@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from relay.cli import app
+from outbox_relay.cli import app
 
 HANDLER = "tests.consumer_handlers:record"
 

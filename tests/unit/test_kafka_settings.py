@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from relay.cli import app
+from outbox_relay.cli import app
 from relay.config import RelaySettings
 
 SASL_PASSWORD = "sasl-s3cret-pw"

@@ -1,5 +1,6 @@
-"""Arrows run one way (issue 18): relay.shared is a leaf; relay/ never imports control/ or clients/ (but
-for relay.cli, the composition root); control/ and clients/ use only relay.shared of the relay."""
+"""Arrows run one way (issue 18): relay.shared is a leaf; relay/ never imports control/ or clients/;
+control/ and clients/ use only relay.shared of the relay; outbox_relay/, the composition root (the
+`outbox-relay` program), imports them all and is imported by none of them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSITION_ROOT = "relay.cli"
+COMPOSITION_ROOT = "outbox_relay"
+SERVICE_PACKAGES = ("relay", "control", "clients")
 
 
 def modules(package: str) -> Iterator[tuple[str, Path]]:
@@ -47,14 +49,12 @@ def within(name: str, package: str) -> bool:
 def test_relay_shared_imports_nothing_else_of_the_service() -> None:
     for module, path in modules("relay/shared"):
         for name in imports(path):
-            if any(within(name, top) for top in ("relay", "control", "clients")):
+            if any(within(name, top) for top in (*SERVICE_PACKAGES, COMPOSITION_ROOT)):
                 assert within(name, "relay.shared"), f"{module} imports {name}"
 
 
 def test_relay_imports_neither_control_nor_clients() -> None:
     for module, path in modules("relay"):
-        if module == COMPOSITION_ROOT:
-            continue
         for name in imports(path):
             assert not within(name, "control") and not within(name, "clients"), f"{module} imports {name}"
 
@@ -65,3 +65,15 @@ def test_control_and_clients_use_only_the_shared_leaf_of_the_relay(package: str)
         for name in imports(path):
             if within(name, "relay"):
                 assert within(name, "relay.shared"), f"{module} imports {name}"
+
+
+@pytest.mark.parametrize("package", SERVICE_PACKAGES)
+def test_nothing_imports_the_composition_root(package: str) -> None:
+    for module, path in modules(package):
+        for name in imports(path):
+            assert not within(name, COMPOSITION_ROOT), f"{module} imports {name}"
+
+
+def test_the_composition_root_wires_every_package() -> None:
+    wired = {name.split(".")[0] for _, path in modules(COMPOSITION_ROOT) for name in imports(path)}
+    assert set(SERVICE_PACKAGES) <= wired

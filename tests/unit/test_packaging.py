@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.cli import app as relay_app
+from outbox_relay.cli import app as relay_app
 from relay.shared.version import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "relay", "control", "clients")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "relay", "control", "clients", "outbox_relay")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 EXTRAS = {"control", "cli", "relay", "consumer", "otlp", "all", "embedded", "bench", "dev"}
@@ -78,7 +78,7 @@ def test_wheel_metadata(wheel: Path) -> None:
     assert any(url.startswith("Source, ") for url in metadata.get_all("Project-URL"))
     assert "License :: " not in " ".join(metadata.get_all("Classifier"))  # the SPDX expression says it
     assert "Programming Language :: Python :: 3.11" in metadata.get_all("Classifier")
-    assert "outbox-relay = relay.console:main" in entry_points
+    assert "outbox-relay = outbox_relay.console:main" in entry_points
     assert "outboxctl = clients.console:main" in entry_points
     assert not [name for name in names if name.startswith(("devtools/", "tests/", "bench/"))]
     assert "relay/sql/queries.sql" in names and "control/queries.sql" in names

@@ -312,7 +312,7 @@ def test_the_cli_exits_1_with_one_redacted_line_when_the_relay_gives_up(
     from typer.testing import CliRunner
 
     import relay.service
-    from relay.cli import app
+    from outbox_relay.cli import app
 
     async def gives_up(_service: object) -> None:
         raise relay.service.RelayFailedError(

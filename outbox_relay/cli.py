@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # add_completion: --install-completion / --show-completion for bash, zsh, fish and PowerShell.
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
-log = logging.getLogger("relay.cli")
+log = logging.getLogger("outbox_relay.cli")
 SettingsT = TypeVar("SettingsT", bound=DatabaseSettings)
 
 LogLevel = Annotated[
@@ -233,7 +233,7 @@ def _control_plane(settings: RelaySettings, service: RelayService) -> ControlSer
     it beside its work. With a pool of its own (OUTBOX_CONTROL_POOL_SIZE connections, with statement and
     lock timeouts), a limit on concurrent calls and a cap on their deadlines: however hard it is called,
     it never takes a connection the relay's lease renewals and claims need (docs/operations.md). Its
-    call metrics go to the relay's /metrics. This module is the composition root: relay/ itself never
+    call metrics go to the relay's /metrics. This package is the composition root: relay/ itself never
     imports control/."""
     from control.server import ControlServer, ControlSettings
 
@@ -477,7 +477,7 @@ def _checkout_demo() -> Callable[..., Coroutine[Any, Any, int]]:
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app(prog_name="outbox-relay")  # also under `python -m relay`: the name shell completion is set up for
+    app(prog_name="outbox-relay")  # also under `python -m outbox_relay`: the name shell completion is set up for
 
 
 if __name__ == "__main__":

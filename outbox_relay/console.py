@@ -1,5 +1,5 @@
 """The `outbox-relay` console script: answers --version and names a missing extra before importing the
-commands (relay.cli), which need the `relay` extra: pip install 'outbox-relay[relay]'."""
+commands (outbox_relay.cli), which need the `relay` extra: pip install 'outbox-relay[relay]'."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from relay.shared.launch import launch
 
 
 def _commands() -> Callable[[], None]:
-    from relay.cli import main
+    from outbox_relay.cli import main
 
     return main
 

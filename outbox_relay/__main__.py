@@ -1,0 +1,3 @@
+from outbox_relay.console import main
+
+main()

@@ -1,3 +1,0 @@
-from relay.console import main
-
-main()
