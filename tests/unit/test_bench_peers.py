@@ -86,7 +86,7 @@ def test_peers_option_adds_the_scenario() -> None:
     assert Plan.smoke().peers_backlog < Plan.full().peers_backlog == 50_000
 
 
-def _run(rate: float, p50: float, p99: float, **kw: int) -> tuple[Run, Run]:
+def _run(rate: float, p50: float, p99: float, pickup_p99: float = 2.0, **kw: int) -> tuple[Run, Run]:
     drain = Run(
         expected=100,
         received=100 - kw.get("lost", 0),
@@ -102,6 +102,8 @@ def _run(rate: float, p50: float, p99: float, **kw: int) -> tuple[Run, Run]:
         violations=kw.get("order", 0),
         cpu_ms_per_1k=20.0,
         summary={"p50": p50, "p95": p99, "p99": p99, "max": p99 * 2},
+        pickup={"p50": pickup_p99 / 2, "p95": pickup_p99, "p99": pickup_p99, "max": pickup_p99},
+        broker={"p50": p50 / 2, "p95": p99 - pickup_p99, "p99": p99 - pickup_p99, "max": p99},
         achieved=1.0,
     )
     return drain, latency
@@ -109,7 +111,7 @@ def _run(rate: float, p50: float, p99: float, **kw: int) -> tuple[Run, Run]:
 
 def test_peer_figures_ratios_and_the_side_by_side_table() -> None:
     results = Results(started=datetime(2026, 11, 30, tzinfo=UTC), echo=None)
-    ours, theirs = _run(50_000, 3.0, 9.0), _run(3_000, 4.5, 11.0, lost=2, dup=1, order=3)
+    ours, theirs = _run(50_000, 3.0, 9.0), _run(3_000, 4.5, 11.0, pickup_p99=5.0, lost=2, dup=1, order=3)
     results.peers = {OURS: "0.1.0; defaults", "txoutbox": "0.2.2; RelayConfig defaults"}
     add_figures(
         results,
@@ -121,6 +123,9 @@ def test_peer_figures_ratios_and_the_side_by_side_table() -> None:
     p99 = results.get(f"peers.{OURS}.vs.txoutbox.p99")
     assert drain is not None and drain.value == pytest.approx(50_000 / 3_000) and drain.status == "pass"
     assert p99 is not None and p99.value == pytest.approx(9.0 / 11.0) and p99.status == "pass"
+    pickup = results.get(f"peers.{OURS}.vs.txoutbox.pickup_p99")
+    assert pickup is not None and pickup.value == pytest.approx(2.0 / 5.0) and pickup.bar is None
+    assert results.get("peers.txoutbox.latency.broker_p99_ms").value == pytest.approx(6.0)  # type: ignore[union-attr]
     lost = results.get("peers.txoutbox.lost")
     assert lost is not None and lost.value == 2 and lost.bar is None  # only our own losses are a bar
     ours_lost = results.get(f"peers.{OURS}.lost")
@@ -129,7 +134,7 @@ def test_peer_figures_ratios_and_the_side_by_side_table() -> None:
     markdown = render_markdown(results)
     assert "## 6. Other outbox relays" in markdown
     assert "| relay | backlog drain (events/s) | p50 (ms) | p99 (ms) |" in markdown
-    assert "| txoutbox | 3000 | 4.50 | 11.0 |" in markdown
+    assert "| txoutbox | 3000 | 4.50 | 11.0 | 22.0 | 2.50 | 5.00 | 6.00 |" in markdown
     assert "- **txoutbox** 0.2.2; RelayConfig defaults" in markdown
 
 
