@@ -42,13 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def results_stem(started: datetime, scenarios: tuple[str, ...], quick: bool) -> str:
+def results_stem(started: datetime, scenarios: tuple[str, ...], quick: bool, out: Path | None = None) -> str:
     """`2026-11-25` for a full run (with or without the peers); partial and quick runs get a suffix so
-    they never overwrite it."""
+    they never overwrite it, and a second run of the same kind on the same day in `out` gets the time
+    it started (`2026-11-25-drain-1405`) so it never overwrites the first."""
     stem = started.strftime("%Y-%m-%d")
     if tuple(s for s in scenarios if s != PEERS) != SCENARIOS:
         stem += "-" + "-".join(scenarios)
-    return stem + ("-quick" if quick else "")
+    stem += "-quick" if quick else ""
+    if out is not None and (out / f"{stem}.md").exists():
+        stem += started.strftime("-%H%M")
+    return stem
 
 
 async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
@@ -128,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         results.errors.append("interrupted")
     results.finished = datetime.now(UTC)
-    markdown, png = write_results(results, args.out, results_stem(started, args.scenarios, args.quick))
+    markdown, png = write_results(
+        results, args.out, results_stem(started, args.scenarios, args.quick, args.out)
+    )
     print(f"# results: {markdown}" + (f", {png}" if png else ""), file=sys.stderr)
     for figure in results.missed:
         print(

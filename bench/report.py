@@ -33,6 +33,7 @@ PEER_COLUMNS = (
     ("broker leg p99 (ms)", "latency.broker_p99_ms"),
     ("CPU per 1k, drain (ms)", "drain.cpu_ms_per_1k"),
     ("CPU per 1k, latency (ms)", "latency.cpu_ms_per_1k"),
+    ("broker cores, latency", "latency.broker_cores"),
     ("lost", "lost"),
     ("duplicates", "duplicates"),
     ("order violations", "order_violations"),

@@ -32,7 +32,9 @@ from bench.report import Bar, Figure, Results
 from bench.scenarios import LatencyConsumer
 from bench.stack import (
     BenchError,
+    CpuTrace,
     Servers,
+    broker_process,
     cpu_seconds,
     create_topic,
     delete_topic,
@@ -105,6 +107,9 @@ class Run:
     # (commit, wake-up, claim, hand-over) and the rest (produce request, broker, consumer fetch)
     pickup: dict[str, float] = field(default_factory=dict)
     broker: dict[str, float] = field(default_factory=dict)
+    # latency: the embedded broker's cores while the writers ran (median of CpuTrace's windows): how
+    # hard each relay's way of producing makes the shared broker work
+    broker_cores: float = float("nan")
     achieved: float = float("nan")  # latency: committed / target
 
     @property
@@ -270,9 +275,10 @@ async def latency_once(contender: Contender, servers: Servers, plan: Plan) -> Ru
         await reader.ready()
         async with running(contender, servers, topic) as (runner, processes, fleet):
             cpu0 = _cpu(processes, fleet)
-            wrote = await runner.call(
-                "write", str(rate), str(seconds + warmup), str(WRITER_TASKS), timeout=seconds + warmup + 300
-            )
+            async with CpuTrace(broker_process(servers)).running() as broker_cpu:
+                wrote = await runner.call(
+                    "write", str(rate), str(seconds + warmup), str(WRITER_TASKS), timeout=seconds + warmup + 300
+                )
             cpu = _cpu(processes, fleet) - cpu0
             committed = int(wrote["committed"])  # type: ignore[call-overload]
             samples, duplicates, violations = await reader.collect(committed, timeout=plan.peers_timeout)
@@ -289,6 +295,7 @@ async def latency_once(contender: Contender, servers: Servers, plan: Plan) -> Ru
         summary=latency_summary([latency for latency, _ in measured]),
         pickup=latency_summary([pickup for _, pickup in measured]),
         broker=latency_summary([latency - pickup for latency, pickup in measured]),
+        broker_cores=median(broker_cpu.windows) if broker_cpu.windows else float("nan"),
         achieved=ratio(committed, rate * (seconds + warmup)),
     )
 
@@ -383,7 +390,8 @@ async def run_peers(servers: Servers, plan: Plan, results: Results) -> None:
         " (order: an event of a key read after a later event of the same key). pickup: from the payload's"
         " time to the record's CreateTime, which aiokafka stamps as the relay hands the event to its"
         " producer (every relay here leaves the timestamp to aiokafka; ms resolution): the relay's share."
-        " broker: the rest (produce request, broker, consumer fetch), the same broker and consumer for all.",
+        " broker: the rest (produce request, broker, consumer fetch), the same broker and consumer for all."
+        " broker_cores: the embedded broker's CPU while the writers ran (median of 2 s windows).",
     )
 
 
@@ -397,6 +405,7 @@ PEER_FIGURES = (
     ("latency.pickup_p50_ms", "ms"),
     ("latency.pickup_p99_ms", "ms"),
     ("latency.broker_p99_ms", "ms"),
+    ("latency.broker_cores", "cores"),
     ("latency.cpu_ms_per_1k", "ms CPU"),
     ("lost", "events"),
     ("duplicates", "events"),
@@ -420,6 +429,7 @@ def add_figures(
             "latency.pickup_p50_ms": [r.pickup["p50"] for r in lat],
             "latency.pickup_p99_ms": [r.pickup["p99"] for r in lat],
             "latency.broker_p99_ms": [r.broker["p99"] for r in lat],
+            "latency.broker_cores": [r.broker_cores for r in lat],
             "latency.cpu_ms_per_1k": [r.cpu_ms_per_1k for r in lat],
         }
         totals = {

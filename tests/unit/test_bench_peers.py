@@ -104,6 +104,7 @@ def _run(rate: float, p50: float, p99: float, pickup_p99: float = 2.0, **kw: int
         summary={"p50": p50, "p95": p99, "p99": p99, "max": p99 * 2},
         pickup={"p50": pickup_p99 / 2, "p95": pickup_p99, "p99": pickup_p99, "max": pickup_p99},
         broker={"p50": p50 / 2, "p95": p99 - pickup_p99, "p99": p99 - pickup_p99, "max": p99},
+        broker_cores=0.5,
         achieved=1.0,
     )
     return drain, latency
@@ -134,7 +135,7 @@ def test_peer_figures_ratios_and_the_side_by_side_table() -> None:
     markdown = render_markdown(results)
     assert "## 6. Other outbox relays" in markdown
     assert "| relay | backlog drain (events/s) | p50 (ms) | p99 (ms) |" in markdown
-    assert "| txoutbox | 3000 | 4.50 | 11.0 | 22.0 | 2.50 | 5.00 | 6.00 |" in markdown
+    assert "| txoutbox | 3000 | 4.50 | 11.0 | 22.0 | 2.50 | 5.00 | 6.00 | 10.0 | 20.0 | 0.5 | 2.00 | 1.00 | 3.00 |" in markdown
     assert "- **txoutbox** 0.2.2; RelayConfig defaults" in markdown
 
 

@@ -107,6 +107,13 @@ def test_options_and_plans() -> None:
     assert results_stem(day, ("drain",), quick=True) == "2026-11-25-drain-quick"
 
 
+def test_a_second_run_on_the_same_day_keeps_the_first_results(tmp_path: Path) -> None:
+    day = datetime(2026, 11, 25, 14, 5, tzinfo=UTC)
+    assert results_stem(day, ("drain",), quick=False, out=tmp_path) == "2026-11-25-drain"
+    (tmp_path / "2026-11-25-drain.md").write_text("the morning's run")
+    assert results_stem(day, ("drain",), quick=False, out=tmp_path) == "2026-11-25-drain-1405"
+
+
 def _results() -> Results:
     results = Results(started=datetime(2026, 11, 25, 12, 0, tzinfo=UTC), echo=None)
     results.options = {"command": "python -m bench --quick", "reps": 3}
