@@ -486,10 +486,18 @@ async def test_pauses_written_to_the_database_stop_and_resume_publishing(
             return {w.message_id for w in to_redis} <= arrived
 
         await wait_until(redis_delivered, 10, what="the unpaused Redis stream to be delivered")
-        pending = await fetch(
-            fleet.database_url, f'SELECT topic, count(*) AS n FROM "{fleet.schema}".outbox GROUP BY topic'
-        )
-        assert {r["topic"]: r["n"] for r in pending} == {topics["kafka"]: len(to_kafka)}
+
+        async def pending_by_topic() -> dict[str, int]:
+            rows = await fetch(
+                fleet.database_url, f'SELECT topic, count(*) AS n FROM "{fleet.schema}".outbox GROUP BY topic'
+            )
+            return {r["topic"]: r["n"] for r in rows}
+
+        async def redis_settled() -> bool:  # marked done up to OUTBOX_SETTLE_DELAY after the ack
+            return topics["redis"] not in await pending_by_topic()
+
+        await wait_until(redis_settled, 10, what="the delivered Redis events marked done")
+        assert await pending_by_topic() == {topics["kafka"]: len(to_kafka)}
         kafka_arrived = set(message_ids(await read_kafka(stack.kafka_bootstrap, topics["kafka"])))
         assert not {w.message_id for w in to_kafka} & kafka_arrived
         await conn.execute(f"DELETE FROM {pauses} WHERE topic_pattern = 'kt.*'")
