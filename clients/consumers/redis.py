@@ -71,12 +71,16 @@ class _StreamWorker:
                         break  # let go: stays pending, the next owner claims it
             except (RedisError, OSError) as exc:
                 attempt += 1
+                # An XREADGROUP whose reply was lost still delivered its entries: they wait in this
+                # member's pending list, which `>` never reads again. Take them first, in order.
+                claimed_all = False
                 owner.connected = False
                 owner.metrics.counted(owner.metrics.errors, kind="broker_unavailable")
                 log.warning("redis unavailable for %s (%s); retrying", self.stream, type(exc).__name__)
                 await wait_or_abandon(self.abandon, owner.delays.delay(attempt))
             except Exception:  # never die silently
                 attempt += 1
+                claimed_all = False
                 log.exception("worker of %s failed; retrying", self.stream)
                 await wait_or_abandon(self.abandon, owner.delays.delay(attempt))
 
