@@ -225,7 +225,8 @@ class PartitionWorker:
         if probe is not None:  # a sink or topic outage's backoff ends: its rows may be claimed again
             timeout = min(timeout, probe + 0.01)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await self._wake.wait()
 
     async def process_batch(self) -> bool:
         """One claim-publish-settle round. True when the batch was full (more may be waiting)."""
@@ -397,15 +398,14 @@ class PartitionWorker:
         """Waits for broker acknowledgement, but no longer than the lease may be trusted."""
         timeout = max(min(self._ctx.settings.publish_timeout, self.lease.remaining()), 0.1)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout=timeout)
-        except TimeoutError:
-            if task.done():  # it failed just as the wait ended: fall through to its outcome below
-                return await self._await_publish(task)
-            self._ctx.metrics.publish_failed("publish_timeout", 1)
-            log.warning(
-                "partition %s: no broker acknowledgement within %.1fs; still waiting", self.partition, timeout
-            )
-            return None
+            await asyncio.wait({task}, timeout=timeout)  # never cancels the publish itself
+            if not task.done():
+                self._ctx.metrics.publish_failed("publish_timeout", 1)
+                log.warning(
+                    "partition %s: no broker acknowledgement within %.1fs; still waiting", self.partition, timeout
+                )
+                return None
+            return task.result()
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if not task.cancelled() or (current is not None and current.cancelling()):

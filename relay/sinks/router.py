@@ -90,9 +90,13 @@ class Router:
             kind = self.sink_kind_for(row.topic)
             if not self.availability.blocked(kind.value, row.topic):
                 groups.setdefault(kind, []).append(index)
-        outcomes = await asyncio.gather(
-            *(self._publish_group(kind, [rows[i] for i in indexes]) for kind, indexes in groups.items())
-        )
+        if len(groups) == 1:  # the usual case: no task to run it beside another sink's
+            ((kind, indexes),) = groups.items()
+            outcomes = [await self._publish_group(kind, [rows[i] for i in indexes])]
+        else:
+            outcomes = await asyncio.gather(
+                *(self._publish_group(kind, [rows[i] for i in indexes]) for kind, indexes in groups.items())
+            )
         for (kind, indexes), group_results in zip(groups.items(), outcomes, strict=True):
             for index, result in zip(indexes, group_results, strict=True):
                 results[index] = result

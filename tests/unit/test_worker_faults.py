@@ -112,6 +112,58 @@ async def test_a_publish_that_fails_after_the_worker_stopped_waiting_does_not_we
     assert store.rows == [], "the next round claims the same events again and publishes them"
 
 
+async def test_a_publish_that_raises_a_timeout_of_its_own_is_a_crashed_publish_naming_it() -> None:
+    # Not "no acknowledgement yet": the publish ended, with an error the operator must see as is.
+    store = FakeStore([event(1, "orders")])
+    router = FakeRouter()
+    calls = 0
+
+    async def publish(rows: Sequence[OutboxRow]) -> list[PublishResult]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError("an inner wait of the sink gave up")
+        return [PUBLISHED] * len(rows)
+
+    router.publish = publish  # type: ignore[method-assign]
+    worker = make_worker(store, router, ByteBudget(1000 * KIB), publish_timeout=5.0)
+
+    with pytest.raises(PublishCrashedError) as crashed:
+        await worker.process_batch()
+    assert isinstance(crashed.value.__cause__, TimeoutError)
+    assert "an inner wait of the sink gave up" in str(crashed.value)
+    assert worker._inflight is None
+    await worker.process_batch()
+    assert store.rows == [], "the event stays in the outbox and goes with the next claim"
+
+
+async def test_stopping_the_worker_mid_publish_leaves_the_publish_running() -> None:
+    # The broker may still take the batch; cancelling its send would only hide what it did.
+    store = FakeStore([event(1, "orders")])
+    router = FakeRouter()
+    release, started = asyncio.Event(), asyncio.Event()
+    running: list[asyncio.Task[Any]] = []
+
+    async def publish(rows: Sequence[OutboxRow]) -> list[PublishResult]:
+        current = asyncio.current_task()
+        assert current is not None
+        running.append(current)
+        started.set()
+        await release.wait()
+        return [PUBLISHED] * len(rows)
+
+    router.publish = publish  # type: ignore[method-assign]
+    worker = make_worker(store, router, ByteBudget(1000 * KIB), publish_timeout=30.0)
+    batch = asyncio.create_task(worker.process_batch())
+    await started.wait()
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    assert not running[0].done(), "the publish itself was not cancelled with the worker"
+    release.set()
+    assert await running[0] == [PUBLISHED]
+
+
 class HangingSink:
     name = "kafka"
 
