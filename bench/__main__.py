@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.plan import PEERS, SCENARIOS, Plan, needed_ceilings, parse_only
 from bench.report import Results, describe_machine, format_value, write_results
+from bench.steadiness import SpeedProbe, Steadiness
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench")
@@ -61,7 +62,12 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
     from bench.stack import Servers, machine_cpu, own_cpu, server_version
 
     machine0, own0, began = machine_cpu(), own_cpu(), time.monotonic()
-    servers = await asyncio.to_thread(Servers.start)
+    probe = SpeedProbe()
+    try:
+        servers = await asyncio.to_thread(Servers.start)
+    except BaseException:
+        await asyncio.to_thread(probe.stop)
+        raise
     try:
         machine_servers = {
             "servers": servers.describe(),
@@ -103,6 +109,20 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
         results.machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     finally:
         await asyncio.to_thread(servers.stop)
+        report_steadiness(results, await asyncio.to_thread(probe.stop))
+
+
+def report_steadiness(results: Results, steadiness: Steadiness) -> None:
+    results.machine["CPU speed (a fixed piece of Python work timed every 5 s)"] = steadiness.describe()
+    if steadiness.unsteady:
+        results.note(
+            "Machine speed",
+            f"The machine's own speed varied during this run: the same work took {steadiness.spread:.2f}x"
+            " more CPU time in the slowest tenth of the probes than in the fastest (the host lends"
+            " these cores to others). Throughput ratios, measured against ceilings in the same"
+            " repetition, hold up; latency percentiles and ratios between relays run at different"
+            " moments swing with it: compare them within a repetition, or rerun on a steadier machine.",
+        )
 
 
 async def _redis_version(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -147,3 +148,34 @@ def test_results_files_are_written(tmp_path: Path) -> None:
     assert png is not None and png.name == "2026-11-25-quick-latency.png"
     assert png.read_bytes().startswith(b"\x89PNG")
     assert "2026-11-25-quick-latency.png" in markdown.read_text()
+
+
+def test_speed_probe_times_the_same_work_in_a_child_process_until_stopped() -> None:
+    from bench.steadiness import SpeedProbe
+
+    probe = SpeedProbe(interval=0.05)
+    deadline = time.monotonic() + 60
+    steadiness = None
+    while time.monotonic() < deadline:  # a loaded machine may start the child slowly
+        time.sleep(0.5)
+        steadiness = probe.stop()
+        if len(steadiness.samples) >= 2:
+            break
+        probe = SpeedProbe(interval=0.05)
+    assert steadiness is not None and len(steadiness.samples) >= 2
+    assert all(sample > 0 for sample in steadiness.samples)
+
+
+def test_an_unsteady_machine_is_named_in_the_results_and_a_steady_one_is_not() -> None:
+    from bench.__main__ import report_steadiness
+    from bench.steadiness import Steadiness
+
+    steady, unsteady = Results(started=datetime.now(UTC)), Results(started=datetime.now(UTC))
+    report_steadiness(steady, Steadiness(tuple(10.0 + n / 100 for n in range(40))))
+    report_steadiness(unsteady, Steadiness(tuple([10.0] * 20 + [18.0] * 20)))
+
+    assert "slowest decile 1.03x the fastest" in next(iter(steady.machine.values()))
+    assert "Machine speed" not in steady.notes
+    assert "1.80x" in unsteady.notes["Machine speed"][0]
+    assert "## Machine speed" in render_markdown(unsteady)
+    assert "too few to tell" in Steadiness((10.0, 11.0)).describe()
