@@ -24,7 +24,6 @@ one request per broker at a time and drains every batch waiting for that broker 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -180,7 +179,8 @@ class SharedBatches:
         return result
 
     async def _hand_over(self, batch: OpenBatch) -> None:
-        """Gives the batch to the producer; `batch.handed` says how that went."""
+        """Gives the batch to the producer. How that went is `batch.handed`'s to say: an error is the
+        batch's own, not its caller's (the batch before it may be the one handing it over)."""
         if self._handover.close_at_handover(chained=batch.behind, producer_busy=self._in_flight > 0):
             batch.builder.close()
         try:
@@ -188,10 +188,12 @@ class SharedBatches:
         except asyncio.CancelledError:
             batch.handed.cancel()
             raise
-        except Exception as exc:
+        except BaseException as exc:
             if not batch.handed.done():
                 batch.handed.set_exception(exc)
-            raise
+            if not isinstance(exc, Exception):
+                raise  # the process is being stopped: not for a batch to hold up
+            return
         if batch.handed.done():  # its task was cancelled meanwhile: nobody waits for the answer
             acknowledged.add_done_callback(_retrieve_exception)
             return
@@ -203,9 +205,7 @@ class SharedBatches:
         this task yields, unless the producer makes it wait)."""
         batch.outcome = True
         following, batch.next = batch.next, None
-        if following is None or following.handed.done():  # none, or its task was cancelled
-            return
-        with contextlib.suppress(Exception):  # the following batch's own task reports it
+        if following is not None and not following.handed.done():  # not cancelled meanwhile
             await self._hand_over(following)
 
     def _fail_next(self, batch: OpenBatch) -> None:
