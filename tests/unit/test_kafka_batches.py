@@ -274,3 +274,25 @@ async def test_a_batch_started_behind_a_failed_one_fails_unsent() -> None:
     await asyncio.wait({first.delivery, late.delivery}, timeout=5)
     assert isinstance(late.delivery.exception(), PredecessorFailed)
     assert len(producer.handed) == 1
+
+
+class _ProcessEnding(BaseException):
+    """Not an Exception: the kind a stopping process or a test framework raises."""
+
+
+async def test_a_hand_over_that_raises_any_error_ends_the_batch_it_was_for() -> None:
+    producer = ManualProducer()
+    batches = SharedBatches(producer)  # type: ignore[arg-type]
+    first = batches.append("t", 0, b"k", b"1", [])
+    await run_ready_tasks()
+    second = batches.append("t", 0, b"k", b"2", [])
+    await run_ready_tasks()
+
+    async def refusing(*_args: object, **_kwargs: object) -> None:
+        raise _ProcessEnding
+
+    producer.send_batch = refusing  # type: ignore[assignment,method-assign]
+    producer.handed[0].ack.set_result(None)  # the first one hands the second over, which fails
+    await asyncio.wait({first.delivery, second.delivery}, timeout=5)
+    assert second.delivery.done(), "nothing may wait for a hand-over that failed"
+    assert isinstance(second.delivery.exception(), _ProcessEnding)
