@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome
 from relay.sinks.kafka import KafkaSink, batch_ok
-from relay.sinks.kafka_batches import HandOver, KeyPartitioner, PredecessorFailed, SharedBatches
+from relay.sinks.kafka_batches import HandOver, KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
 
 BROKER_LIMIT = 1000  # bytes per record this fake broker accepts; the relay's own limit is higher
 
@@ -242,13 +242,19 @@ async def test_a_failed_batch_keeps_the_next_one_of_its_partition_from_being_sen
     assert len(producer.handed) == 1
 
 
-async def test_a_batch_whose_task_was_cancelled_while_it_waited_is_not_handed_over() -> None:
+async def one_in_flight_one_behind() -> tuple[ManualProducer, SharedBatches, OpenBatch, OpenBatch]:
+    """A batch handed to the producer and not acknowledged yet, and one waiting behind it."""
     producer = ManualProducer()
     batches = SharedBatches(producer)  # type: ignore[arg-type]
     first = batches.append("t", 0, b"k", b"1", [])
     await run_ready_tasks()
     second = batches.append("t", 0, b"k", b"2", [])
     await run_ready_tasks()
+    return producer, batches, first, second
+
+
+async def test_a_batch_whose_task_was_cancelled_while_it_waited_is_not_handed_over() -> None:
+    producer, batches, first, second = await one_in_flight_one_behind()
     second.delivery.cancel()
     await run_ready_tasks()
     producer.handed[0].ack.set_result(None)
@@ -281,12 +287,7 @@ class _ProcessEnding(BaseException):
 
 
 async def test_a_hand_over_that_raises_any_error_ends_the_batch_it_was_for() -> None:
-    producer = ManualProducer()
-    batches = SharedBatches(producer)  # type: ignore[arg-type]
-    first = batches.append("t", 0, b"k", b"1", [])
-    await run_ready_tasks()
-    second = batches.append("t", 0, b"k", b"2", [])
-    await run_ready_tasks()
+    producer, _batches, first, second = await one_in_flight_one_behind()
 
     async def refusing(*_args: object, **_kwargs: object) -> None:
         raise _ProcessEnding
