@@ -7,7 +7,9 @@ publishing at the same moment appends to the same batch, so a produce request st
 everything that is waiting, as the producer's own accumulator would.
 
 Per topic-partition the batches form a chain: a batch is handed to the producer only once the one
-before it was acknowledged, and stays open for more rows until then. If a batch fails, the batch
+before it was acknowledged, and stays open for more rows until then. The batch before it hands it
+over, in the same turn of the event loop as the acknowledgement arrives, so it rides the very next
+produce request with whatever else waited for that broker (see `OpenBatch`). If a batch fails, the batch
 queued behind it is not sent at all but fails with `PredecessorFailed`: an event that was
 acknowledged while an earlier event of its key failed would be out of order for good. Nothing is
 lost by that: the rows stay in the outbox and go again, behind the earlier ones. (aiokafka would
@@ -79,14 +81,28 @@ class HandOver:
 
 
 class OpenBatch:
-    """One record batch and the task that hands it to the producer and waits for its acknowledgement."""
+    """One record batch and the task that waits for its acknowledgement.
 
-    __slots__ = ("builder", "delivery", "partition")
+    A batch with a batch before it in its topic-partition's chain does not hand itself over: the
+    one before it does, from the turn of the event loop in which its own acknowledgement arrives
+    (`_release_next`), so that the producer's sender, which runs next, drains it together with what
+    waits for the same broker. Handed over any later (after a task of its own woke up), it would miss
+    that request and wait for the next one: a whole round trip more, under load, for the events of
+    a busy partition."""
 
-    def __init__(self, builder: BatchBuilder, partition: int, delivery: asyncio.Task[Any]) -> None:
+    __slots__ = ("behind", "builder", "chained", "delivery", "handed", "next", "outcome", "partition", "topic")
+
+    def __init__(self, builder: BatchBuilder, topic: str, partition: int, behind: bool) -> None:
         self.builder = builder
+        self.topic = topic
         self.partition = partition
-        self.delivery = delivery
+        self.behind = behind  # started behind another batch of its chain (it gathered rows meanwhile)
+        self.chained = False  # handed over (or failed) by the batch before it, not by itself
+        self.next: OpenBatch | None = None  # the batch behind this one in the chain, if any yet
+        # The producer's acknowledgement future once handed over (or why it could not be).
+        self.handed: asyncio.Future[asyncio.Future[Any]] = asyncio.get_running_loop().create_future()
+        self.outcome: bool | None = None  # acknowledged (True) or failed (False), once known
+        self.delivery: asyncio.Task[Any]
 
     @property
     def records(self) -> int:
@@ -101,7 +117,7 @@ class SharedBatches:
         self._handover = HandOver(linger_ms)
         self._in_flight = 0  # batches handed to the producer and not yet acknowledged
         self._open: dict[tuple[str, int], OpenBatch] = {}
-        self._newest: dict[tuple[str, int], asyncio.Task[Any]] = {}  # the chain's last delivery
+        self._newest: dict[tuple[str, int], OpenBatch] = {}  # the chain's last batch
 
     def append(
         self, topic: str, partition: int, key: bytes | None, value: bytes, headers: Headers
@@ -115,7 +131,7 @@ class SharedBatches:
             return batch
         batch = self._start(topic, partition, key, value, headers, after=self._newest.get(tp))
         self._open[tp] = batch
-        self._newest[tp] = batch.delivery
+        self._newest[tp] = batch
         batch.delivery.add_done_callback(lambda _: self._forget(tp, batch))
         return batch
 
@@ -133,41 +149,84 @@ class SharedBatches:
         key: bytes | None,
         value: bytes,
         headers: Headers,
-        after: asyncio.Task[Any] | None,
+        after: OpenBatch | None,
     ) -> OpenBatch:
         builder = self._producer.create_batch()
         if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
             raise RuntimeError("an empty Kafka record batch refused its first record")
-        delivery = asyncio.create_task(
-            self._deliver(builder, topic, partition, after), name=f"kafka-batch-{topic}-{partition}"
-        )
-        delivery.add_done_callback(_retrieve_exception)
-        return OpenBatch(builder, partition, delivery)
+        batch = OpenBatch(builder, topic, partition, behind=after is not None)
+        if after is not None and after.outcome is None:
+            after.next, batch.chained = batch, True  # it hands this one over once it knows its fate
+        elif after is not None and not after.outcome:
+            batch.handed.set_exception(_predecessor_failed(batch))
+        batch.delivery = asyncio.create_task(self._deliver(batch), name=f"kafka-batch-{topic}-{partition}")
+        batch.delivery.add_done_callback(_retrieve_exception)
+        return batch
 
-    async def _deliver(
-        self, builder: BatchBuilder, topic: str, partition: int, after: asyncio.Task[Any] | None
-    ) -> Any:
-        if after is not None:
-            await asyncio.wait({after})
-            if after.cancelled() or after.exception() is not None:
-                raise PredecessorFailed(f"an earlier record batch of {topic}[{partition}] failed")
-        if self._handover.close_at_handover(chained=after is not None, producer_busy=self._in_flight > 0):
-            builder.close()
-        self._in_flight += 1
+    async def _deliver(self, batch: OpenBatch) -> Any:
         try:
-            acknowledged = await self._producer.send_batch(builder, topic, partition=partition)
-            return await acknowledged
-        finally:
-            self._in_flight -= 1
+            if not batch.chained and not batch.handed.done():
+                await self._hand_over(batch)
+            acknowledged = await batch.handed
+            try:
+                result = await acknowledged
+            finally:
+                self._in_flight -= 1
+        except BaseException:
+            self._fail_next(batch)
+            raise
+        await self._release_next(batch)
+        return result
+
+    async def _hand_over(self, batch: OpenBatch) -> None:
+        """Gives the batch to the producer. How that went is `batch.handed`'s to say: an error is the
+        batch's own, not its caller's (the batch before it may be the one handing it over)."""
+        if self._handover.close_at_handover(chained=batch.behind, producer_busy=self._in_flight > 0):
+            batch.builder.close()
+        try:
+            acknowledged = await self._producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
+        except asyncio.CancelledError:
+            batch.handed.cancel()
+            raise
+        except BaseException as exc:
+            if not batch.handed.done():
+                batch.handed.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # the process is being stopped: not for a batch to hold up
+            return
+        if batch.handed.done():  # its task was cancelled meanwhile: nobody waits for the answer
+            acknowledged.add_done_callback(_retrieve_exception)
+            return
+        self._in_flight += 1
+        batch.handed.set_result(acknowledged)
+
+    async def _release_next(self, batch: OpenBatch) -> None:
+        """The batch was acknowledged: the next batch of its chain is handed over at once (before
+        this task yields, unless the producer makes it wait)."""
+        batch.outcome = True
+        following, batch.next = batch.next, None
+        if following is not None and not following.handed.done():  # not cancelled meanwhile
+            await self._hand_over(following)
+
+    def _fail_next(self, batch: OpenBatch) -> None:
+        """The batch failed (or was never sent): the next batch of its chain fails unsent."""
+        batch.outcome = False
+        following, batch.next = batch.next, None
+        if following is not None and not following.handed.done():
+            following.handed.set_exception(_predecessor_failed(following))
 
     def _forget(self, tp: tuple[str, int], batch: OpenBatch) -> None:
         if self._open.get(tp) is batch:
             del self._open[tp]
-        if self._newest.get(tp) is batch.delivery:
+        if self._newest.get(tp) is batch:
             del self._newest[tp]
 
 
-def _retrieve_exception(task: asyncio.Task[Any]) -> None:
+def _predecessor_failed(batch: OpenBatch) -> PredecessorFailed:
+    return PredecessorFailed(f"an earlier record batch of {batch.topic}[{batch.partition}] failed")
+
+
+def _retrieve_exception(task: asyncio.Future[Any]) -> None:
     # Each caller reads the outcome it needs; this keeps asyncio from reporting it as never retrieved.
     if not task.cancelled():
         task.exception()

@@ -7,6 +7,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +20,7 @@ from devtools.embedded import StackEndpoints
 from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome
 from relay.sinks.base import SinkUnavailableError
-from relay.sinks.kafka import KafkaSink
+from relay.sinks.kafka import KafkaSink, batch_ok
 from relay.sinks.redis import RedisSink
 
 PARTITIONS = 4
@@ -156,6 +157,46 @@ async def test_concurrent_publishes_share_record_batches(
     assert all(r.ok for rs in results for r in rs)
     # Alone, each call would need a batch per partition: 16 x 4. Shared, far fewer go out.
     assert sent_batches < calls * PARTITIONS / 2, sent_batches
+
+
+async def test_a_batch_behind_its_partitions_batch_in_flight_rides_the_next_request(
+    kafka_sink: KafkaSink, kafka_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the batch in flight is acknowledged, the batch waiting behind it (same partition) goes in
+    the same request as another partition's batch that waited for the broker meanwhile, as the
+    producer's own queue would send them: not in a request of its own, a round trip later."""
+    producer, batches = kafka_sink._producer, kafka_sink._batches
+    assert producer is not None and batches is not None
+    sender, client = producer._sender, producer.client
+    requests: list[set[int]] = []
+    first_sent, release_first = asyncio.Event(), asyncio.Event()
+    send_produce_req, client_send = sender._send_produce_req, client.send
+
+    async def recording_send_produce_req(node_id: int, node_batches: dict[Any, Any]) -> None:
+        requests.append({tp.partition for tp in node_batches})
+        await send_produce_req(node_id, node_batches)
+
+    async def holding_send(node_id: int, request: Any, **kwargs: Any) -> Any:
+        response = await client_send(node_id, request, **kwargs)
+        if request.API_KEY == 0 and not first_sent.is_set():  # the first produce request's answer
+            first_sent.set()
+            await release_first.wait()
+        return response
+
+    monkeypatch.setattr(sender, "_send_produce_req", recording_send_produce_req)
+    monkeypatch.setattr(client, "send", holding_send)
+
+    first = batches.append(kafka_topic, 0, b"k0", b"1", [])
+    await asyncio.wait_for(first_sent.wait(), 30)
+    behind = batches.append(kafka_topic, 0, b"k0", b"2", [])
+    beside = batches.append(kafka_topic, 1, b"k1", b"3", [])
+    assert behind is not first, "the batch in flight takes no more records"
+    await asyncio.wait_for(beside.handed, 30)  # handed to the producer, waiting for the broker
+    assert requests == [{0}]
+    release_first.set()
+    await asyncio.wait({first.delivery, behind.delivery, beside.delivery}, timeout=30)
+    assert all(batch_ok(b) for b in (first, behind, beside))
+    assert requests == [{0}, {0, 1}]
 
 
 async def test_a_record_over_the_request_size_is_refused_alone(

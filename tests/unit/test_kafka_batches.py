@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome
-from relay.sinks.kafka import KafkaSink
-from relay.sinks.kafka_batches import HandOver, KeyPartitioner, PredecessorFailed, SharedBatches
+from relay.sinks.kafka import KafkaSink, batch_ok
+from relay.sinks.kafka_batches import HandOver, KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
 
 BROKER_LIMIT = 1000  # bytes per record this fake broker accepts; the relay's own limit is higher
 
@@ -240,3 +240,60 @@ async def test_a_failed_batch_keeps_the_next_one_of_its_partition_from_being_sen
     await asyncio.wait({first.delivery, second.delivery}, timeout=5)
     assert isinstance(second.delivery.exception(), PredecessorFailed)
     assert len(producer.handed) == 1
+
+
+async def one_in_flight_one_behind() -> tuple[ManualProducer, SharedBatches, OpenBatch, OpenBatch]:
+    """A batch handed to the producer and not acknowledged yet, and one waiting behind it."""
+    producer = ManualProducer()
+    batches = SharedBatches(producer)  # type: ignore[arg-type]
+    first = batches.append("t", 0, b"k", b"1", [])
+    await run_ready_tasks()
+    second = batches.append("t", 0, b"k", b"2", [])
+    await run_ready_tasks()
+    return producer, batches, first, second
+
+
+async def test_a_batch_whose_task_was_cancelled_while_it_waited_is_not_handed_over() -> None:
+    producer, batches, first, second = await one_in_flight_one_behind()
+    second.delivery.cancel()
+    await run_ready_tasks()
+    producer.handed[0].ack.set_result(None)
+    await asyncio.wait({first.delivery}, timeout=5)
+    assert batch_ok(first) and second.delivery.cancelled()
+    assert len(producer.handed) == 1, "nobody waits for it: it is not sent"
+    third = batches.append("t", 0, b"k", b"3", [])  # the chain goes on without it
+    await run_ready_tasks()
+    assert [h.values for h in producer.handed] == [[b"1"], [b"3"]]
+    producer.handed[1].ack.set_result(None)
+    await asyncio.wait({third.delivery}, timeout=5)
+    assert batch_ok(third)
+
+
+async def test_a_batch_started_behind_a_failed_one_fails_unsent() -> None:
+    producer = ManualProducer()
+    batches = SharedBatches(producer)  # type: ignore[arg-type]
+    first = batches.append("t", 0, b"k", b"1", [])
+    await run_ready_tasks()
+    producer.handed[0].ack.set_exception(MessageSizeTooLargeError())
+    await asyncio.sleep(0)  # the failure is known, the first batch's task not finished yet
+    late = batches.append("t", 0, b"k", b"2", [])
+    await asyncio.wait({first.delivery, late.delivery}, timeout=5)
+    assert isinstance(late.delivery.exception(), PredecessorFailed)
+    assert len(producer.handed) == 1
+
+
+class _ProcessEnding(BaseException):
+    """Not an Exception: the kind a stopping process or a test framework raises."""
+
+
+async def test_a_hand_over_that_raises_any_error_ends_the_batch_it_was_for() -> None:
+    producer, _batches, first, second = await one_in_flight_one_behind()
+
+    async def refusing(*_args: object, **_kwargs: object) -> None:
+        raise _ProcessEnding
+
+    producer.send_batch = refusing  # type: ignore[assignment,method-assign]
+    producer.handed[0].ack.set_result(None)  # the first one hands the second over, which fails
+    await asyncio.wait({first.delivery, second.delivery}, timeout=5)
+    assert second.delivery.done(), "nothing may wait for a hand-over that failed"
+    assert isinstance(second.delivery.exception(), _ProcessEnding)
