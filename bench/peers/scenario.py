@@ -413,6 +413,13 @@ PEER_FIGURES = (
 )
 
 
+def paired_ratios(ours: list[Run], theirs: list[Run], key: str) -> list[float]:
+    """Our latency percentile `key` over theirs, per repetition: within one, every relay runs in turn
+    minutes apart, so a ratio compares runs on the machine in much the same state, which the ratio
+    of medians over repetitions (the figure itself) does not when the machine's speed drifts."""
+    return [ratio(mine.summary[key], other.summary[key]) for mine, other in zip(ours, theirs, strict=False)]
+
+
 def add_figures(
     results: Results, plan: Plan, drains: dict[str, list[Run]], latencies: dict[str, list[Run]]
 ) -> None:
@@ -491,12 +498,30 @@ def add_figures(
         for key in ("p50", "p99"):
             theirs = results.get(f"peers.{name}.latency.{key}_ms")
             if theirs is not None:
+                paired = paired_ratios(latencies.get(OURS, []), latencies[name], key)
                 results.add(
                     Figure(
                         f"peers.{OURS}.vs.{name}.{key}",
                         ratio(ours.get(f"latency.{key}_ms", float("nan")), theirs.value),
                         f"x {name}'s {key} at {plan.peers_rate}/s",
                         bar=Bar("<", 1.0),
+                    )
+                )
+                results.add(
+                    Figure(
+                        f"peers.{OURS}.vs.{name}.{key}_paired",
+                        median(paired),
+                        f"x {name}'s {key}, per repetition",
+                        "info",
+                        reps=paired,
+                    )
+                )
+                results.add(
+                    Figure(
+                        f"peers.{OURS}.vs.{name}.{key}_lower_in",
+                        float(sum(value < 1.0 for value in paired)),
+                        f"of {len(paired)} repetitions, each relay run in turn within one",
+                        "info",
                     )
                 )
         theirs = results.get(f"peers.{name}.latency.pickup_p99_ms")

@@ -153,3 +153,23 @@ def test_each_repetition_starts_with_another_relay_and_runs_every_one_once() -> 
     assert [order[0] for order in orders] == everyone
     assert all(sorted(order) == sorted(everyone) for order in orders)
     assert in_turn([], 2) == []  # no peer installed, and ours failed to start: nothing to run
+
+
+def test_latency_against_a_peer_is_also_compared_within_each_repetition() -> None:
+    # The machine slows down between repetitions: the medians alone say "behind" (10 > 9), while ours
+    # was below the peer run next to it in two of the three repetitions.
+    results = Results(started=datetime(2026, 12, 1, tzinfo=UTC), echo=None)
+    ours = [_run(50_000, 3.0, p99)[1] for p99 in (5.0, 30.0, 10.0)]
+    theirs = [_run(3_000, 4.5, p99)[1] for p99 in (6.0, 9.0, 12.0)]
+    add_figures(results, Plan.smoke(), {OURS: [], "txoutbox": []}, {OURS: ours, "txoutbox": theirs})
+    p99 = results.get(f"peers.{OURS}.vs.txoutbox.p99")
+    assert p99 is not None and p99.value == pytest.approx(10.0 / 9.0) and p99.status == "MISS"
+    paired = results.get(f"peers.{OURS}.vs.txoutbox.p99_paired")
+    assert paired is not None and paired.reps == pytest.approx([5 / 6, 30 / 9, 10 / 12])
+    assert paired.value == pytest.approx(10 / 12) and paired.bar is None
+    lower_in = results.get(f"peers.{OURS}.vs.txoutbox.p99_lower_in")
+    assert lower_in is not None and lower_in.value == 2 and "of 3 repetitions" in lower_in.unit
+    # A peer that failed after its first repetition is paired for that one only.
+    results = Results(started=datetime(2026, 12, 1, tzinfo=UTC), echo=None)
+    add_figures(results, Plan.smoke(), {OURS: [], "txoutbox": []}, {OURS: ours, "txoutbox": theirs[:1]})
+    assert results.get(f"peers.{OURS}.vs.txoutbox.p99_paired").reps == pytest.approx([5 / 6])  # type: ignore[union-attr]
