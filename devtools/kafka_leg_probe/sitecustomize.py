@@ -28,6 +28,7 @@ def _install(out: Path) -> None:
     appended: dict[int, list[float]] = {}  # id(builder) -> monotonic time of each record's append
     records: list[tuple[float, float, float]] = []
     append, drain_ready, done = SharedBatches.append, MessageBatch.drain_ready, MessageBatch.done
+    failure = MessageBatch.failure
     for name in ("_ctime", "_builder"):  # instance attributes read below
         if name not in MessageBatch.__init__.__code__.co_names:
             raise AttributeError(f"aiokafka's MessageBatch no longer sets {name}")
@@ -49,6 +50,11 @@ def _install(out: Path) -> None:
             records.append((max(handed - at, 0.0), drained - max(handed, at), now - drained))
         return done(self, *args, **kwargs)
 
+    def untimed_failure(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # A failed batch's appends are dropped, or a later builder at the same id would inherit them.
+        appended.pop(id(self._builder), None)
+        return failure(self, *args, **kwargs)
+
     def write() -> None:
         lines = (f"{a:.6f} {b:.6f} {c:.6f}\n" for a, b, c in records)
         (out / f"{os.getpid()}.txt").write_text("".join(lines))
@@ -56,6 +62,7 @@ def _install(out: Path) -> None:
     SharedBatches.append = timed_append  # type: ignore[method-assign]
     MessageBatch.drain_ready = timed_drain_ready
     MessageBatch.done = timed_done
+    MessageBatch.failure = untimed_failure
     atexit.register(write)
 
 
