@@ -306,12 +306,15 @@ def _ensure_os_user(name: str) -> _RunAs:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
+        added = subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True,
             capture_output=True,
+            text=True,
         )
-        entry = pwd.getpwnam(name)
+        try:  # useradd fails when another process (a second test worker) added the user meanwhile
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise RuntimeError(f"could not add OS user {name!r}: {added.stderr.strip()}") from None
     return _RunAs(entry.pw_uid, entry.pw_gid)
 
 
@@ -392,6 +395,9 @@ def _mirror_install(install: Path) -> Path:
             copy.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             shutil.copytree(part, copy, symlinks=True, copy_function=_link_or_copy)
         (staging / _INSTALL_COMPLETE).touch()
+        if _is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists():
+            shutil.rmtree(staging, ignore_errors=True)  # another process made it meanwhile
+            return target / relative
         if target.exists() or target.is_symlink():
             if _is_own_private_dir(target):
                 shutil.rmtree(target, ignore_errors=True)  # an incomplete copy left by a killed process
