@@ -385,7 +385,7 @@ def _mirror_install(install: Path) -> Path:
     fingerprint = f"{install.resolve()}:{postgres.st_size}:{postgres.st_mtime_ns}".encode()
     target = _temp_parent() / f"{_INSTALL_PREFIX}{hashlib.sha256(fingerprint).hexdigest()[:16]}"
     relative = install.relative_to(package.parent)
-    if _is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists():
+    if _is_complete_mirror(target):
         return target / relative
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
     try:
@@ -395,7 +395,7 @@ def _mirror_install(install: Path) -> Path:
             copy.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             shutil.copytree(part, copy, symlinks=True, copy_function=_link_or_copy)
         (staging / _INSTALL_COMPLETE).touch()
-        if _is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists():
+        if _is_complete_mirror(target):
             shutil.rmtree(staging, ignore_errors=True)  # another process made it meanwhile
             return target / relative
         if target.exists() or target.is_symlink():
@@ -408,12 +408,17 @@ def _mirror_install(install: Path) -> Path:
             staging.rename(target)
         except OSError:  # another process made it first
             shutil.rmtree(staging, ignore_errors=True)
-            if not (_is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists()):
+            if not _is_complete_mirror(target):
                 raise
         return target / relative
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _is_complete_mirror(target: Path) -> bool:
+    """`target` is a finished mirror of ours (a mirror appears under its name only once complete)."""
+    return _is_own_private_dir(target) and (target / _INSTALL_COMPLETE).exists()
 
 
 def _postgres_install(run_as: _RunAs | None) -> Path:
