@@ -175,6 +175,13 @@ class RelaySettings(DatabaseSettings):
     kafka_linger_ms: int = Field(
         0, ge=0, description="Milliseconds a batch may wait for more rows while others are in flight."
     )
+    kafka_connections: int = Field(
+        4,
+        ge=1,
+        le=32,
+        description="Producers (each with its own connection to every broker); a Kafka partition"
+        " always uses the same one, so up to this many produce requests to one broker overlap.",
+    )
     kafka_max_request_size: int = Field(1_048_576, ge=1024)
     kafka_idempotence: bool = Field(False, description="Idempotent producer (the embedded broker lacks it).")
     kafka_security_protocol: KafkaSecurityProtocol = Field(

@@ -38,6 +38,7 @@ from relay.sinks.base import (
     is_tls_error,
 )
 from relay.sinks.kafka_batches import KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
+from relay.sinks.kafka_lanes import ProducerLanes
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class KafkaSink:
         if not settings.kafka_bootstrap:
             raise ValueError("OUTBOX_KAFKA_BOOTSTRAP is required when a topic routes to Kafka")
         self._settings = settings
-        self._producer: AIOKafkaProducer | None = None
-        self._batches: SharedBatches | None = None
+        self._producer: AIOKafkaProducer | None = None  # the lanes' primary, once connected
+        self._lanes: ProducerLanes | None = None
         self._partitioner = KeyPartitioner()
         self._unknown_since: dict[str, float] = {}
         self._reachable = False
@@ -105,20 +106,15 @@ class KafkaSink:
         unsupported broker, a wrong setting) is logged as an error each time, counted and shown on
         /readyz (self.connection), so it does not hide as "not connected yet"."""
         backoff = FailureBackoff(0.2, self._settings.sink_backoff_max)
+        settings = self._settings
         while True:
-            producer: AIOKafkaProducer | None = None
-            try:
-                producer = AIOKafkaProducer(**self._producer_options())
-                await producer.start()
-            except asyncio.CancelledError:  # stopped while connecting: leave nothing open
-                if producer is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(producer.stop())
-                raise
+            try:  # a failure leaves nothing open (ProducerLanes.start stops what it started)
+                lanes = await ProducerLanes.start(
+                    settings.kafka_connections,
+                    lambda: AIOKafkaProducer(**self._producer_options()),
+                    settings.kafka_linger_ms,
+                )
             except Exception as exc:
-                if producer is not None:
-                    with contextlib.suppress(Exception):
-                        await producer.stop()
                 cause: BaseException = exc
                 if isinstance(exc, KafkaConnectionError):
                     cause = await self._bootstrap_error(exc)
@@ -127,8 +123,7 @@ class KafkaSink:
                 self.connection.failed(kafka_connect_failure(cause), self.connect_error, delay)
                 await asyncio.sleep(delay)
                 continue
-            self._producer = producer
-            self._batches = SharedBatches(producer, self._settings.kafka_linger_ms)
+            self._lanes, self._producer = lanes, lanes.primary
             self._reachable = True
             self.connect_error = None
             self.connection.connected()
@@ -174,9 +169,9 @@ class KafkaSink:
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
-        producer, self._producer, self._batches = self._producer, None, None
-        if producer is not None:
-            await producer.stop()
+        lanes, self._producer, self._lanes = self._lanes, None, None
+        if lanes is not None:
+            await lanes.stop()
 
     def is_connected(self) -> bool:
         """False from the first sign of an outage until the broker acknowledges again."""
@@ -205,11 +200,11 @@ class KafkaSink:
         return answered
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
-        producer, batches = self._producer, self._batches
-        if producer is None or batches is None:
+        producer, lanes = self._producer, self._lanes
+        if producer is None or lanes is None:
             raise SinkUnavailableError("not connected to kafka yet")
         results: list[PublishResult | None] = [None] * len(rows)
-        layouts = await self._layouts(producer, {row.topic for row in rows})
+        layouts = await self._layouts(lanes, {row.topic for row in rows})
         carried: list[tuple[int, OpenBatch]] = []
         for index, row in enumerate(rows):
             layout = layouts[row.topic]
@@ -224,6 +219,7 @@ class KafkaSink:
                     results[index] = PublishResult(Outcome.REJECT, "record_too_large", too_large)
                     continue
             partition = self._partitioner.partition(key, *layout)
+            batches = lanes.batches_for(partition)
             carried.append((index, batches.append(row.topic, partition, key, row.payload, headers)))
         if carried:
             await asyncio.wait({batch.delivery for _, batch in carried})
@@ -234,7 +230,7 @@ class KafkaSink:
             if row.ordering_key is not None and row.ordering_key in failed_keys:
                 result = DEFERRED if not batch_ok(batch) else PUBLISHED
             else:
-                result = await self._outcome(batches, row, batch)
+                result = await self._outcome(lanes.batches_for(batch.partition), row, batch)
             if result.outcome not in (Outcome.PUBLISHED, Outcome.REJECT):
                 failed_keys.add(row.ordering_key)
             results[index] = result
@@ -245,19 +241,28 @@ class KafkaSink:
             self._reachable = False
         return final
 
-    async def _layouts(self, producer: AIOKafkaProducer, topics: set[str]) -> dict[str, Layout | PublishResult]:
+    async def _layouts(self, lanes: ProducerLanes, topics: set[str]) -> dict[str, Layout | PublishResult]:
         """Per topic: its partitions, or why the topic cannot be published to now."""
         layouts: dict[str, Layout | PublishResult] = {}
-        cluster = producer.client.cluster
+        cluster = lanes.primary.client.cluster
         for topic in topics:
             asked_at_ms = time.time() * 1000
             try:
-                partitions = await producer.partitions_for(topic)
+                partitions = sorted(await lanes.primary.partitions_for(topic))
+                known = await lanes.know_partitions(topic, partitions)
             except Exception as exc:  # classified per topic
                 layouts[topic] = self._metadata_failure(topic, exc, asked_at_ms)
                 continue
+            if not known:
+                layouts[topic] = PublishResult(
+                    Outcome.UNAVAILABLE,
+                    "broker_unavailable",
+                    "new partitions of the topic are not yet in every producer's metadata",
+                    topic_scoped=True,
+                )
+                continue
             available = cluster.available_partitions_for_topic(topic) or ()
-            layouts[topic] = (sorted(partitions), list(available))
+            layouts[topic] = (partitions, list(available))
         return layouts
 
     def _metadata_failure(self, topic: str, exc: BaseException, asked_at_ms: float) -> PublishResult:

@@ -19,7 +19,9 @@ ones, which is how slow acknowledgements of large events broke per-key order.)
 Batching happens only under load (`HandOver`): a batch with nothing in flight before it goes at
 once, so a lone event waits for no timer; a batch grows while a send is outstanding, its
 predecessor in the chain or, in the producer, the request in flight to its broker (aiokafka sends
-one request per broker at a time and drains every batch waiting for that broker into the next)."""
+one request per broker connection at a time and drains every batch waiting for that broker into the
+next). The relay runs a few producers, each partition bound to one (kafka_lanes.ProducerLanes), and
+one SharedBatches per producer."""
 
 from __future__ import annotations
 

@@ -68,8 +68,9 @@ async def test_events_published_while_a_send_is_outstanding_share_batches(
     sink = await connected_sink(stack)  # the default: no linger
     try:
         assert all(r.ok for r in await sink.publish([make_row(topic, "warm", b"warm-up")]))
-        producer = sink._producer
-        assert producer is not None
+        _, partition = sink.destination(make_row(topic, "same-key", b""))
+        assert sink._lanes is not None and partition is not None
+        producer = sink._lanes.producer_for(partition)  # the one that carries the key's partition
         handed: list[int] = []
         send_batch = producer.send_batch
 
@@ -108,4 +109,50 @@ async def test_events_published_while_a_send_is_outstanding_share_batches(
         values = [v for recs in records.values() for k, v, _ in recs if k == b"same-key"]
         assert values == [f"{n}".encode() for n in range(40)]
     finally:
+        await sink.stop()
+
+
+def key_on_partition(sink: KafkaSink, topic: str, partition: int) -> str:
+    for n in range(1000):
+        if sink.destination(make_row(topic, f"k{n}", b""))[1] == partition:
+            return f"k{n}"
+    raise AssertionError(f"no key for partition {partition}")
+
+
+async def test_a_request_in_flight_on_one_connection_holds_back_no_other_partition(
+    stack: StackEndpoints, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two producers, partitions 0 and 1 travel on different connections: while the broker's
+    answer for partition 0 is held back, an event of partition 1 is still delivered (behind one
+    connection it would wait for that answer), and partition 0's events keep their order."""
+    sink = await connected_sink(stack, kafka_connections=2)
+    first_sent, release_first = asyncio.Event(), asyncio.Event()
+    try:
+        assert all(r.ok for r in await sink.publish([make_row(topic, "warm", b"warm-up")]))
+        assert sink._lanes is not None
+        held = sink._lanes.producer_for(0)
+        assert sink._lanes.producer_for(1) is not held
+        client_send = held.client.send
+
+        async def holding_send(node_id: int, request: Any, **kwargs: Any) -> Any:
+            response = await client_send(node_id, request, **kwargs)
+            if request.API_KEY == 0 and not first_sent.is_set():  # the first produce request
+                first_sent.set()
+                await release_first.wait()
+            return response
+
+        monkeypatch.setattr(held.client, "send", holding_send)
+        key0, key1 = key_on_partition(sink, topic, 0), key_on_partition(sink, topic, 1)
+        first = asyncio.create_task(sink.publish([make_row(topic, key0, b"first", 1)]))
+        await asyncio.wait_for(first_sent.wait(), 30)
+        behind = asyncio.create_task(sink.publish([make_row(topic, key0, b"second", 2)]))
+        beside = await asyncio.wait_for(sink.publish([make_row(topic, key1, b"beside", 3)]), 30)
+        assert [r.ok for r in beside] == [True]
+        assert not first.done() and not behind.done()
+        release_first.set()
+        assert all(r.ok for rs in (await first, await behind) for r in rs)
+        records = await read_topic(stack.kafka_bootstrap, topic, 4)
+        assert [v for k, v, _ in records[0] if k == key0.encode()] == [b"first", b"second"]
+    finally:
+        release_first.set()  # a failed assertion must not leave the producer's flush waiting on it
         await sink.stop()

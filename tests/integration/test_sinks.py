@@ -21,6 +21,7 @@ from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome
 from relay.sinks.base import SinkUnavailableError
 from relay.sinks.kafka import KafkaSink, batch_ok
+from relay.sinks.kafka_batches import SharedBatches
 from relay.sinks.redis import RedisSink
 
 PARTITIONS = 4
@@ -140,17 +141,20 @@ async def test_concurrent_publishes_keep_each_keys_order_on_the_java_clients_par
 async def test_concurrent_publishes_share_record_batches(
     kafka_sink: KafkaSink, kafka_topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    producer = kafka_sink._producer
-    assert producer is not None
+    lanes = kafka_sink._lanes
+    assert lanes is not None
     sent_batches = 0
-    send_batch = producer.send_batch
 
-    async def counting_send_batch(*args: object, **kwargs: object) -> object:
-        nonlocal sent_batches
-        sent_batches += 1
-        return await send_batch(*args, **kwargs)
+    def counting(send_batch: Any) -> Any:
+        async def counting_send_batch(*args: object, **kwargs: object) -> object:
+            nonlocal sent_batches
+            sent_batches += 1
+            return await send_batch(*args, **kwargs)
 
-    monkeypatch.setattr(producer, "send_batch", counting_send_batch)
+        return counting_send_batch
+
+    for producer in lanes.producers:
+        monkeypatch.setattr(producer, "send_batch", counting(producer.send_batch))
     calls = 16
     batches = [[make_row(kafka_topic, f"c{c}-{k}", b"x" * 100) for k in range(40)] for c in range(calls)]
     results = await asyncio.gather(*(kafka_sink.publish(rows) for rows in batches))
@@ -165,8 +169,9 @@ async def test_a_batch_behind_its_partitions_batch_in_flight_rides_the_next_requ
     """Once the batch in flight is acknowledged, the batch waiting behind it (same partition) goes in
     the same request as another partition's batch that waited for the broker meanwhile, as the
     producer's own queue would send them: not in a request of its own, a round trip later."""
-    producer, batches = kafka_sink._producer, kafka_sink._batches
-    assert producer is not None and batches is not None
+    producer = kafka_sink._producer
+    assert producer is not None
+    batches = SharedBatches(producer)  # both partitions behind one connection, whatever the lanes
     sender, client = producer._sender, producer.client
     requests: list[set[int]] = []
     first_sent, release_first = asyncio.Event(), asyncio.Event()

@@ -17,6 +17,7 @@ from relay.config import RelaySettings
 from relay.events import OutboxRow, Outcome
 from relay.sinks.kafka import KafkaSink, batch_ok
 from relay.sinks.kafka_batches import HandOver, KeyPartitioner, OpenBatch, PredecessorFailed, SharedBatches
+from relay.sinks.kafka_lanes import ProducerLanes
 
 BROKER_LIMIT = 1000  # bytes per record this fake broker accepts; the relay's own limit is higher
 
@@ -74,7 +75,7 @@ class FakeProducer:
 def sink_on(producer: FakeProducer) -> KafkaSink:
     sink = KafkaSink(RelaySettings(database_url=SecretStr("postgresql://x@y/z"), kafka_bootstrap="fake:9092"))
     sink._producer = producer  # type: ignore[assignment]
-    sink._batches = SharedBatches(producer)  # type: ignore[arg-type]
+    sink._lanes = ProducerLanes([producer])  # type: ignore[list-item]
     return sink
 
 
