@@ -49,8 +49,12 @@ class ProducerLanes:
         return cls(started, linger_ms)
 
     async def stop(self) -> None:
-        for producer in self.producers:
-            await producer.stop()
+        """Stops every producer at once (each flushes what it holds, within its request timeout);
+        the first error, if any, once all have stopped."""
+        outcomes = await asyncio.gather(*(p.stop() for p in self.producers), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     @property
     def primary(self) -> AIOKafkaProducer:

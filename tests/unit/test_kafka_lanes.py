@@ -105,3 +105,15 @@ async def test_a_producer_still_behind_after_a_refresh_is_reported() -> None:
     lagging = FakeProducer(partitions={0, 1}, after_refresh={0, 1})
     lanes = lanes_of(FakeProducer(), lagging)
     assert not await lanes.know_partitions("t", [0, 1, 2, 3])
+
+
+async def test_every_producer_is_stopped_even_when_one_fails_to() -> None:
+    class FailingStop(FakeProducer):
+        async def stop(self) -> None:
+            await super().stop()
+            raise RuntimeError("flush failed")
+
+    producers = [FailingStop(), FakeProducer(), FakeProducer()]
+    with pytest.raises(RuntimeError, match="flush failed"):
+        await lanes_of(*producers).stop()
+    assert all(p.stopped for p in producers)
