@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from devtools.embedded import StackEndpoints
@@ -41,6 +42,25 @@ async def connected_sink(stack: StackEndpoints, **overrides: object) -> KafkaSin
         assert time.monotonic() < deadline, f"no connection to the broker: {sink.connect_error}"
         await asyncio.sleep(0.05)
     return sink
+
+
+def hold_first_produce_answer(
+    producer: AIOKafkaProducer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Holds back the broker's answer to the producer's next produce request until the second event
+    returned is set; the first is set once that answer has arrived."""
+    first_sent, release_first = asyncio.Event(), asyncio.Event()
+    client_send = producer.client.send
+
+    async def holding_send(node_id: int, request: Any, **kwargs: Any) -> Any:
+        response = await client_send(node_id, request, **kwargs)
+        if request.API_KEY == 0 and not first_sent.is_set():  # the first produce request
+            first_sent.set()
+            await release_first.wait()
+        return response
+
+    monkeypatch.setattr(producer.client, "send", holding_send)
+    return first_sent, release_first
 
 
 async def test_a_lone_event_does_not_wait_for_the_linger(stack: StackEndpoints, topic: str) -> None:
@@ -81,17 +101,7 @@ async def test_events_published_while_a_send_is_outstanding_share_batches(
         monkeypatch.setattr(producer, "send_batch", counting_send_batch)
         # The broker's answer to the first request is held back, so the first event's send stays
         # outstanding, however fast the broker, until all the others were published.
-        first_sent, release_first = asyncio.Event(), asyncio.Event()
-        client_send = producer.client.send
-
-        async def holding_send(node_id: int, request: Any, **kwargs: Any) -> Any:
-            response = await client_send(node_id, request, **kwargs)
-            if request.API_KEY == 0 and not first_sent.is_set():  # the first produce request
-                first_sent.set()
-                await release_first.wait()
-            return response
-
-        monkeypatch.setattr(producer.client, "send", holding_send)
+        first_sent, release_first = hold_first_produce_answer(producer, monkeypatch)
         # One event of a key goes at once; while it is outstanding, 39 more of the same key (one
         # Kafka partition) are published one after another by other workers: they gather behind it.
         rows = [make_row(topic, "same-key", f"{n}".encode(), n) for n in range(40)]
@@ -126,22 +136,13 @@ async def test_a_request_in_flight_on_one_connection_holds_back_no_other_partiti
     answer for partition 0 is held back, an event of partition 1 is still delivered (behind one
     connection it would wait for that answer), and partition 0's events keep their order."""
     sink = await connected_sink(stack, kafka_connections=2)
-    first_sent, release_first = asyncio.Event(), asyncio.Event()
+    release_first = asyncio.Event()
     try:
         assert all(r.ok for r in await sink.publish([make_row(topic, "warm", b"warm-up")]))
         assert sink._lanes is not None
         held = sink._lanes.producer_for(0)
         assert sink._lanes.producer_for(1) is not held
-        client_send = held.client.send
-
-        async def holding_send(node_id: int, request: Any, **kwargs: Any) -> Any:
-            response = await client_send(node_id, request, **kwargs)
-            if request.API_KEY == 0 and not first_sent.is_set():  # the first produce request
-                first_sent.set()
-                await release_first.wait()
-            return response
-
-        monkeypatch.setattr(held.client, "send", holding_send)
+        first_sent, release_first = hold_first_produce_answer(held, monkeypatch)
         key0, key1 = key_on_partition(sink, topic, 0), key_on_partition(sink, topic, 1)
         first = asyncio.create_task(sink.publish([make_row(topic, key0, b"first", 1)]))
         await asyncio.wait_for(first_sent.wait(), 30)
