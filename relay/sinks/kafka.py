@@ -60,7 +60,6 @@ class KafkaSink:
         if not settings.kafka_bootstrap:
             raise ValueError("OUTBOX_KAFKA_BOOTSTRAP is required when a topic routes to Kafka")
         self._settings = settings
-        self._producer: AIOKafkaProducer | None = None  # the lanes' primary, once connected
         self._lanes: ProducerLanes | None = None
         self._partitioner = KeyPartitioner()
         self._unknown_since: dict[str, float] = {}
@@ -123,7 +122,7 @@ class KafkaSink:
                 self.connection.failed(kafka_connect_failure(cause), self.connect_error, delay)
                 await asyncio.sleep(delay)
                 continue
-            self._lanes, self._producer = lanes, lanes.primary
+            self._lanes = lanes
             self._reachable = True
             self.connect_error = None
             self.connection.connected()
@@ -169,9 +168,14 @@ class KafkaSink:
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
-        lanes, self._producer, self._lanes = self._lanes, None, None
+        lanes, self._lanes = self._lanes, None
         if lanes is not None:
             await lanes.stop()
+
+    @property
+    def _producer(self) -> AIOKafkaProducer | None:
+        """The lanes' primary producer (metadata, probes, dead letters), once connected."""
+        return None if self._lanes is None else self._lanes.primary
 
     def is_connected(self) -> bool:
         """False from the first sign of an outage until the broker acknowledges again."""
@@ -200,8 +204,8 @@ class KafkaSink:
         return answered
 
     async def publish(self, rows: Sequence[OutboxRow]) -> list[PublishResult]:
-        producer, lanes = self._producer, self._lanes
-        if producer is None or lanes is None:
+        lanes = self._lanes
+        if lanes is None:
             raise SinkUnavailableError("not connected to kafka yet")
         results: list[PublishResult | None] = [None] * len(rows)
         layouts = await self._layouts(lanes, {row.topic for row in rows})

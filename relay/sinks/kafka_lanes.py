@@ -72,9 +72,14 @@ class ProducerLanes:
         found them), refreshing a producer's that lags behind once. A producer must know a partition
         before it takes a batch for it; partitions are added to topics, never removed."""
         for producer in self.producers[1:]:
-            known = await producer.partitions_for(topic)
-            if len(known) < len(partitions):
+            if _known(producer, topic) >= len(partitions):  # every publish: a lookup, no await
+                continue
+            if len(await producer.partitions_for(topic)) < len(partitions):  # the topic's first use
                 await producer.client.force_metadata_update()
-                if len(producer.client.cluster.partitions_for_topic(topic) or ()) < len(partitions):
+                if _known(producer, topic) < len(partitions):
                     return False
         return True
+
+
+def _known(producer: AIOKafkaProducer, topic: str) -> int:
+    return len(producer.client.cluster.partitions_for_topic(topic) or ())

@@ -74,7 +74,6 @@ class FakeProducer:
 
 def sink_on(producer: FakeProducer) -> KafkaSink:
     sink = KafkaSink(RelaySettings(database_url=SecretStr("postgresql://x@y/z"), kafka_bootstrap="fake:9092"))
-    sink._producer = producer  # type: ignore[assignment]
     sink._lanes = ProducerLanes([producer])  # type: ignore[list-item]
     return sink
 
