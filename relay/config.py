@@ -176,7 +176,7 @@ class RelaySettings(DatabaseSettings):
         0, ge=0, description="Milliseconds a batch may wait for more rows while others are in flight."
     )
     kafka_connections: int = Field(
-        4,
+        1,
         ge=1,
         le=32,
         description="Producers (each with its own connection to every broker); a Kafka partition"

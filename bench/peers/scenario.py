@@ -52,7 +52,7 @@ OUR_RUNNER = "bench.peers.outbox_relay_runner"
 WRITER_TASKS = 16
 
 SETTINGS = {
-    OURS: "defaults (`outbox-relay run`, LISTEN/NOTIFY on, 16 partitions, 4 Kafka connections, one process); writer clients.aenqueue (asyncpg)",
+    OURS: "defaults (`outbox-relay run`, LISTEN/NOTIFY on, 16 partitions, one process); writer clients.aenqueue (asyncpg)",
     "txoutbox": "PostgresStorage (asyncpg) with notify_channel + listen(relay.wake); RelayConfig defaults"
     " (batch_size 50, concurrency 10, strict ordering); publisher: aiokafka send_and_wait per message"
     " (producer defaults); writer storage.insert(conn, ...)",
