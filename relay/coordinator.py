@@ -1,8 +1,8 @@
 """Coordination through Postgres only: heartbeat, renew leases, balance partitions, elect a leader.
 
-Every `lease_ttl / 3` seconds an instance refreshes its row in relay_instances (which yields the
-live instances), renews the leases it holds, gives back partitions above its fair share and takes
-free or expired ones up to it.
+Every `lease_ttl / 3` seconds an instance renews the leases it holds, refreshes its row in
+relay_instances (which yields the live instances), gives back partitions above its fair share and
+takes free or expired ones up to it, asking for them all at once.
 
 The rounds run as a supervised ticker (relay.supervision): a failed round (the database away, a
 statement cancelled or timed out on a lock) is retried with backoff and never ends the relay. The
@@ -162,6 +162,9 @@ class Coordinator:
         self.last_failure, self._database_down = None, False
 
     async def run_once(self) -> None:
+        # Renewal first: the time from one renewal to the next is then the round interval plus the
+        # renewal itself, whatever the heartbeat and acquisitions of the round cost on a busy database.
+        await self._renew()
         reason = self._health.unhealthy_reason() if self._health is not None else None
         live = await self._store.heartbeat(self._instance, self.held_partitions, self._ttl, reason)
         live.setdefault(self._instance, reason)
@@ -169,7 +172,6 @@ class Coordinator:
         self.live_instances = len(live)
         self._share = fair_share(self._partitions, list(live), self._instance, unhealthy)
         self._health_changed(reason, [i for i in live if i != self._instance and i not in unhealthy])
-        await self._renew()
         await self._balance()
         await self._elect()
         if self.unhealthy_reason is not None and not self._workers:
@@ -235,13 +237,23 @@ class Coordinator:
             return
         free = await self._store.claimable_partitions(self._partitions)
         random.shuffle(free)  # instances starting together should not all race for partition 0
-        for partition in free:
-            if wanted <= 0:
-                break
-            if partition in self._workers:
-                continue
-            if await self._acquire_partition(partition):
-                wanted -= 1
+        candidates = [partition for partition in free if partition not in self._workers]
+        while wanted > 0 and candidates:
+            attempt, candidates = candidates[:wanted], candidates[wanted:]
+            wanted -= await self._acquire_partitions(attempt)
+
+    async def _acquire_partitions(self, partitions: list[int]) -> int:
+        """Asks for the leases all at once, so the first one granted is not left waiting for its
+        renewal (next round) behind one round trip per lease on a slow database: the round that
+        acquires them takes as long as one acquisition. Returns how many were granted; a failed
+        acquisition is raised once every other has been answered (the granted ones are kept)."""
+        answers = await asyncio.gather(
+            *(self._acquire_partition(partition) for partition in partitions), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return sum(1 for answer in answers if answer is True)
 
     async def _acquire_partition(self, partition: int) -> bool:
         name = partition_lease(partition)
