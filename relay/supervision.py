@@ -4,8 +4,11 @@ After River's `startstop` and maintenance tickers, and procrastinate's side-task
 
 - `start()` and `stop()` are idempotent; `stop()` cancels and waits (every caller waits), and a
   cancellation is a clean stop, never a failure. A stopped task may be started again.
-- `Supervisor.run_every(name, interval, fn)` calls `fn` every `interval` seconds (sooner when
-  `poke()`d); `Supervisor.supervise(name, factory)` runs a coroutine meant to run until stopped.
+- `Supervisor.run_every(name, interval, fn)` calls `fn` every `interval` seconds, counted from the
+  start of the last call (sooner when `poke()`d), so a slow call does not push every later one
+  back: the coordinator renews its leases on time however long its other statements take. A call
+  that outlasts the interval is followed by a pause of a quarter interval, never back to back.
+  `Supervisor.supervise(name, factory)` runs a coroutine meant to run until stopped.
 - Failures are classified by the fault model (relay.faults). A transient database error (a
   connection lost, a cancelled statement, a lock timeout...) is logged as a warning without a
   traceback, counted in `outbox_database_errors_total{kind}` and retried with backoff, for as long
@@ -131,12 +134,17 @@ class SupervisedTask:
                 self._succeeded()
                 assert self._interval is not None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._until_next(started))
                 continue
             delay = self._failed(failure, time.monotonic() - started)
             if delay is None:
                 return
             await asyncio.sleep(delay)
+
+    def _until_next(self, started: float) -> float:
+        """Seconds from now to the next call of a ticker whose last call started at `started`."""
+        assert self._interval is not None
+        return max(self._interval - (time.monotonic() - started), self._interval / 4)
 
     def _succeeded(self, *, quiet: bool = False) -> None:
         if self.failing_since is not None and not quiet:

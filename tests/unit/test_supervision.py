@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import Counter
 
 import asyncpg
@@ -184,6 +185,40 @@ async def test_a_ticker_runs_every_interval_and_when_poked() -> None:
     task.poke()
     await eventually(lambda: ticks == 2)
     await task.stop()
+
+
+class SkewedClock:
+    """time.monotonic plus what the test adds: a step that "takes" seconds without sleeping them."""
+
+    def __init__(self) -> None:
+        self.skew = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.skew
+
+
+@pytest.mark.parametrize(("step_takes", "next_in"), [(1.9, 0.5), (20.0, 0.5), (0.0, 2.0)])
+async def test_a_ticker_counts_its_interval_from_the_start_of_the_last_round(
+    monkeypatch: pytest.MonkeyPatch, step_takes: float, next_in: float
+) -> None:
+    """Interval 2 s: a round that took 1.9 s is followed by the next one 0.1 s later, but never
+    sooner than a quarter interval (0.5 s), even after a round longer than the interval."""
+    clock = SkewedClock()
+    monkeypatch.setattr("relay.supervision.time", clock)
+    h = Harness()
+    starts: list[float] = []
+
+    async def tick() -> None:
+        starts.append(time.monotonic())
+        clock.skew += step_takes
+
+    task = h.supervisor.run_every("ticker", 2.0, tick)
+    task.start()
+    await eventually(lambda: len(starts) == 2, timeout=10)
+    await task.stop()
+    gap = starts[1] - starts[0]
+    assert gap >= next_in - 0.05, f"waited {gap:.2f}s, at least {next_in}s expected"
+    assert gap < next_in + 1.0, f"waited {gap:.2f}s, about {next_in}s expected"
 
 
 async def test_start_and_stop_are_idempotent_and_a_stopped_task_can_start_again() -> None:
