@@ -72,6 +72,19 @@ def missing_extra_message(what: str, extra: str) -> str | None:
     )
 
 
+# The shells typer writes completion scripts for.
+COMPLETION_SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
+def _show_completion_for_named_shell(prog: str, args: Sequence[str]) -> None:
+    """`--show-completion SHELL` prints SHELL's script. Typer's own option ignores the name and
+    prints the script of the shell it detects among the parent processes, or fails with "Shell  not
+    supported" where it finds none (a Dockerfile's RUN, a CI job, cron); click's completion
+    variable names the shell outright."""
+    if len(args) == 2 and args[0] == "--show-completion" and args[1] in COMPLETION_SHELLS:
+        os.environ[f"_{prog.replace('-', '_').upper()}_COMPLETE"] = f"source_{args[1]}"
+
+
 def launch(
     prog: str,
     extra: str,
@@ -93,4 +106,5 @@ def launch(
     # gRPC core logs TLS handshake failures and the like on stderr, outside Python's logging; keep
     # only its errors (an explicit GRPC_VERBOSITY wins). Must happen before grpc is imported.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    _show_completion_for_named_shell(prog, args)
     load()()

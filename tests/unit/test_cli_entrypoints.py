@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -27,7 +32,10 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
         (("-m", "outbox_relay", "--version"), "outbox-relay"),  # the launcher (outbox_relay.console)
         (("-m", "outbox_relay", "-V"), "outbox-relay"),
         (("-m", "clients.console", "--version"), "outboxctl"),
-        (("-c", "from outbox_relay.cli import main; main()", "--version"), "outbox-relay"),  # the commands' own option
+        (
+            ("-c", "from outbox_relay.cli import main; main()", "--version"),
+            "outbox-relay",
+        ),  # the commands' own option
         (("-c", "from clients.cli import main; main()", "--version"), "outboxctl"),
     ],
 )
@@ -50,6 +58,26 @@ def test_shell_completion(argv: tuple[str, ...], function: str) -> None:
     assert function in result.stdout and "complete " in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize(
+    ("module", "prog"), [("clients.console", "outboxctl"), ("outbox_relay", "outbox-relay")]
+)
+@pytest.mark.parametrize(
+    ("shell", "marker"),
+    [
+        ("zsh", "#compdef {prog}"),
+        ("fish", "complete --command {prog}"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ],
+)
+def test_show_completion_prints_the_named_shells_script_not_the_detected_ones(
+    module: str, prog: str, shell: str, marker: str
+) -> None:
+    """This test runs under bash or under no shell at all (CI): the shell named is the one whose script is printed."""
+    result = _run("-m", module, "--show-completion", shell)
+    assert result.returncode == 0, result.stderr
+    assert marker.format(prog=prog) in result.stdout, result.stdout[:300]
+
+
 def test_help_mentions_completion_and_output_formats() -> None:
     result = _run("-m", "clients.console", "--help")
     assert result.returncode == 0
@@ -57,7 +85,9 @@ def test_help_mentions_completion_and_output_formats() -> None:
     assert "--install-completion" in text and "--version" in text and "--output" in text
 
 
-def test_a_missing_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_extra_is_named_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(launch.EXTRAS, "relay", ("grpc", "no_such_module_outbox_17", "no_such_pkg_17.sub"))
     loaded: list[bool] = []
     with pytest.raises(SystemExit) as exit_info:
