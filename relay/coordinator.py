@@ -162,8 +162,8 @@ class Coordinator:
         self.last_failure, self._database_down = None, False
 
     async def run_once(self) -> None:
-        # Renewal first: the time from one renewal to the next is then the round interval plus the
-        # renewal itself, whatever the heartbeat and acquisitions of the round cost on a busy database.
+        # Renewal first: rounds start an interval apart (relay.supervision), so one renewal follows
+        # the last by about that interval, whatever the heartbeat and acquisitions cost on a busy database.
         await self._renew()
         reason = self._health.unhealthy_reason() if self._health is not None else None
         live = await self._store.heartbeat(self._instance, self.held_partitions, self._ttl, reason)
