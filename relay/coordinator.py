@@ -247,13 +247,29 @@ class Coordinator:
         renewal (next round) behind one round trip per lease on a slow database: the round that
         acquires them takes as long as one acquisition. Returns how many were granted; a failed
         acquisition is raised once every other has been answered (the granted ones are kept)."""
-        answers = await asyncio.gather(
-            *(self._acquire_partition(partition) for partition in partitions), return_exceptions=True
-        )
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                raise answer
-        return sum(1 for answer in answers if answer is True)
+        acquiring = [asyncio.ensure_future(self._acquire_partition(partition)) for partition in partitions]
+        try:
+            await asyncio.wait(acquiring)  # unlike gather, a cancellation here leaves them running
+        except asyncio.CancelledError:
+            await self._finish_acquiring(acquiring)
+            raise
+        failed = next((task.exception() for task in acquiring if task.exception() is not None), None)
+        if failed is not None:
+            raise failed
+        return sum(1 for task in acquiring if task.result())
+
+    async def _finish_acquiring(self, acquiring: list[asyncio.Task[bool]]) -> None:
+        """Stopping: the answers on the way are still recorded (for a third of the TTL at most), so
+        that shutdown releases a lease the database granted instead of leaving its partition idle
+        until the lease expires."""
+        try:
+            await asyncio.wait(acquiring, timeout=self._ttl / 3)
+        finally:
+            for task in acquiring:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # retrieved: the stop is what gets reported
 
     async def _acquire_partition(self, partition: int) -> bool:
         name = partition_lease(partition)

@@ -51,14 +51,14 @@ class CoordinationStore:
         self.acquiring.add(name)
         self.most_acquiring_at_once = max(self.most_acquiring_at_once, len(self.acquiring))
         try:
-            if self.acquire_gate is not None:
-                await self.acquire_gate.wait()
             if name in self.failing:
                 raise self.failing[name]
-            if name in self.refused or name in self.granted:
-                return None
-            self.granted[name] = 1
-            return 1
+            token = None if name in self.refused or name in self.granted else 1
+            if token is not None:
+                self.granted[name] = token
+            if self.acquire_gate is not None:  # the database has decided; its answer is on the way
+                await self.acquire_gate.wait()
+            return token
         finally:
             self.acquiring.discard(name)
 
@@ -108,8 +108,8 @@ class NoPauses:
     like_patterns: tuple[str, ...] = ()
 
 
-def make_coordinator(store: CoordinationStore) -> Coordinator:
-    settings = RelaySettings(lease_ttl=TTL)
+def make_coordinator(store: CoordinationStore, ttl: float = TTL) -> Coordinator:
+    settings = RelaySettings(lease_ttl=ttl)
     coordinator: Coordinator | None = None
     ctx = WorkerContext(
         settings=settings,
@@ -123,7 +123,7 @@ def make_coordinator(store: CoordinationStore) -> Coordinator:
     )
     supervisor = Supervisor(give_up_after=60, on_give_up=lambda _name, _exc: None)
     maintenance = Maintenance(store, settings)  # type: ignore[arg-type]
-    coordinator = Coordinator(store, ctx, maintenance, PARTITIONS, "me", TTL, supervisor)  # type: ignore[arg-type]
+    coordinator = Coordinator(store, ctx, maintenance, PARTITIONS, "me", ttl, supervisor)  # type: ignore[arg-type]
     return coordinator
 
 
@@ -200,3 +200,19 @@ async def test_the_renewal_does_not_wait_behind_a_slow_heartbeat() -> None:
         if store.heartbeat_gate is not None:
             store.heartbeat_gate.set()
         await coordinator.shutdown(grace=5)
+
+
+async def test_a_stop_during_the_acquisitions_records_and_releases_what_the_database_granted() -> None:
+    """Stopped while its answers are on the way, the round waits for them (at most a third of the
+    TTL): a lease granted but never recorded here would stay held, its partition idle until the TTL."""
+    store = CoordinationStore()
+    store.acquire_gate = asyncio.Event()
+    coordinator = make_coordinator(store, ttl=30.0)  # up to 10 s for the answers: room on a loaded machine
+    coordinator.start()
+    await until(lambda: len(store.acquiring) == PARTITIONS, "the first round's acquisitions")
+    stopping = asyncio.create_task(coordinator.shutdown(grace=5))
+    await asyncio.sleep(0.05)  # the stop cancels the round while the answers are still out
+    assert not stopping.done()
+    store.acquire_gate.set()
+    await stopping
+    assert store.granted == {}, "every lease granted was released on the way out"
