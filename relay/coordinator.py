@@ -253,9 +253,9 @@ class Coordinator:
         except asyncio.CancelledError:
             await self._finish_acquiring(acquiring)
             raise
-        failed = next((task.exception() for task in acquiring if task.exception() is not None), None)
-        if failed is not None:
-            raise failed
+        failures = [exc for exc in (task.exception() for task in acquiring) if exc is not None]
+        if failures:
+            raise failures[0]
         return sum(1 for task in acquiring if task.result())
 
     async def _finish_acquiring(self, acquiring: list[asyncio.Task[bool]]) -> None:
