@@ -28,6 +28,8 @@ PEER_COLUMNS = (
     ("p50 (ms)", "latency.p50_ms"),
     ("p99 (ms)", "latency.p99_ms"),
     ("max (ms)", "latency.max_ms"),
+    ("commit p50 (ms)", "latency.commit_p50_ms"),
+    ("commit p99 (ms)", "latency.commit_p99_ms"),
     ("pickup p50 (ms)", "latency.pickup_p50_ms"),
     ("pickup p99 (ms)", "latency.pickup_p99_ms"),
     ("broker leg p99 (ms)", "latency.broker_p99_ms"),

@@ -3,12 +3,13 @@
     python -m bench.peers.<peer>_runner setup                  # the peer's own table (its documented DDL)
     python -m bench.peers.<peer>_runner relay                  # its relay until SIGTERM; prints {"ready": true}
     python -m bench.peers.<peer>_runner backlog COUNT SIZE     # COUNT events in one transaction
-    python -m bench.peers.<peer>_runner write RATE SECONDS TASKS  # open-loop single-event commits
+    python -m bench.peers.<peer>_runner write RATE SECONDS TASKS [WARM]  # open-loop single-event commits
 
 Environment: PEER_DSN (postgresql://...), PEER_BOOTSTRAP (Kafka), PEER_TOPIC, PEER_SCHEMA (a fresh
 schema the harness created and drops). Every command prints one JSON object on its last stdout line.
 Events are the bench's own (bench.workload): payload n of `size` bytes (or with the wall-clock time for
-`write`), key `k<n % 1000>`, header content-type: application/json."""
+`write`), key `k<n % 1000>`, header content-type: application/json. `write` also reports how long the
+writer's own commits took (commit_p50_ms, commit_p99_ms), events before WARM left out."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Protocol
 
 from bench import workload
 from bench.pacing import paced
+from bench.stats import latency_summary
 
 Send = Callable[[int], Awaitable[None]]
 
@@ -88,11 +90,31 @@ async def _relay(peer: Peer) -> None:
     await peer.relay(lambda: emit(ready=True), stop)
 
 
-async def _write(peer: Peer, rate: int, seconds: float, tasks: int) -> None:
+async def _write(peer: Peer, rate: int, seconds: float, tasks: int, warm: int) -> None:
     async with peer.writer(tasks) as send:
+        commits = CommitTimes(send, warm)
         began = time.monotonic()
-        committed = await paced(rate, seconds, tasks, send)
-        emit(committed=committed, seconds=time.monotonic() - began)
+        committed = await paced(rate, seconds, tasks, commits.send)
+        emit(committed=committed, seconds=time.monotonic() - began, **commits.summary())
+
+
+class CommitTimes:
+    """Times each send: from just before the event is made (each runner's `send` first makes it, so
+    its payload's time) until the writer's commit returned. That is the writer's share of the pickup."""
+
+    def __init__(self, send: Send, warm: int, clock: Callable[[], float] = time.time) -> None:
+        self._send, self._warm, self._clock = send, warm, clock
+        self.seconds: list[float] = []
+
+    async def send(self, n: int) -> None:
+        began = self._clock()
+        await self._send(n)
+        if n >= self._warm:
+            self.seconds.append(self._clock() - began)
+
+    def summary(self) -> dict[str, float]:
+        times = latency_summary(self.seconds)
+        return {"commit_p50_ms": times["p50"], "commit_p99_ms": times["p99"]}
 
 
 async def _backlog(peer: Peer, count: int, size: int) -> None:
@@ -103,7 +125,7 @@ async def _backlog(peer: Peer, count: int, size: int) -> None:
 
 def main(make: Callable[[Env], Peer], argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    usage = "usage: setup | relay | backlog COUNT SIZE | write RATE SECONDS TASKS"
+    usage = "usage: setup | relay | backlog COUNT SIZE | write RATE SECONDS TASKS [WARM]"
     if not args:
         raise SystemExit(usage)
     peer = make(Env.from_environ())
@@ -115,7 +137,8 @@ def main(make: Callable[[Env], Peer], argv: list[str] | None = None) -> None:
         asyncio.run(_relay(peer))
     elif command == "backlog" and len(rest) == 2:
         asyncio.run(_backlog(peer, int(rest[0]), int(rest[1])))
-    elif command == "write" and len(rest) == 3:
-        asyncio.run(_write(peer, int(rest[0]), float(rest[1]), int(rest[2])))
+    elif command == "write" and len(rest) in (3, 4):
+        warm = int(rest[3]) if len(rest) == 4 else 0
+        asyncio.run(_write(peer, int(rest[0]), float(rest[1]), int(rest[2]), warm))
     else:
         raise SystemExit(usage)

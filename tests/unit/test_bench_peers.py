@@ -3,6 +3,7 @@ interpreter, the options, the figures and the side-by-side table. No servers."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime
 
@@ -11,8 +12,8 @@ import pytest
 from bench.__main__ import parse_args, results_stem
 from bench.consumer import KeyOrder
 from bench.peers import venv
-from bench.peers.runner import Env
-from bench.peers.scenario import OURS, Run, add_figures, in_turn, parse_emitted
+from bench.peers.runner import CommitTimes, Env
+from bench.peers.scenario import OURS, Run, add_figures, commit_times, in_turn, parse_emitted
 from bench.plan import PEERS, SCENARIOS, Plan, parse_only
 from bench.report import Results, render_markdown
 from bench.stack import BenchError
@@ -35,6 +36,29 @@ def test_runner_output_is_the_last_json_line() -> None:
         parse_emitted("\n")
     with pytest.raises(BenchError, match="not an object"):
         parse_emitted("[1, 2]")
+
+
+def test_the_writer_times_its_commits_after_the_warm_up() -> None:
+    now = [100.0]
+
+    async def send(n: int) -> None:  # the commit of event n takes n ms
+        now[0] += n / 1000
+
+    async def write() -> CommitTimes:
+        commits = CommitTimes(send, warm=2, clock=lambda: now[0])
+        for n in range(5):
+            await commits.send(n)
+        return commits
+
+    commits = asyncio.run(write())
+    assert commits.seconds == pytest.approx([0.002, 0.003, 0.004])  # events 0 and 1 were the warm-up
+    assert commits.summary() == {"commit_p50_ms": pytest.approx(3.0), "commit_p99_ms": pytest.approx(3.98)}
+    # What the harness reads back; a runner that reported nothing gives NaN, not a crash.
+    assert commit_times({"committed": 5, **commits.summary()}) == {
+        "p50": pytest.approx(3.0),
+        "p99": pytest.approx(3.98),
+    }
+    assert all(math.isnan(v) for v in commit_times({"committed": 5}).values())
 
 
 def test_runner_env_and_sqlalchemy_url(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,6 +128,7 @@ def _run(rate: float, p50: float, p99: float, pickup_p99: float = 2.0, **kw: int
         summary={"p50": p50, "p95": p99, "p99": p99, "max": p99 * 2},
         pickup={"p50": pickup_p99 / 2, "p95": pickup_p99, "p99": pickup_p99, "max": pickup_p99},
         broker={"p50": p50 / 2, "p95": p99 - pickup_p99, "p99": p99 - pickup_p99, "max": p99},
+        commit={"p50": pickup_p99 / 4, "p99": pickup_p99 / 2},
         broker_cores=0.5,
         achieved=1.0,
     )
@@ -135,7 +160,12 @@ def test_peer_figures_ratios_and_the_side_by_side_table() -> None:
     markdown = render_markdown(results)
     assert "## 6. Other outbox relays" in markdown
     assert "| relay | backlog drain (events/s) | p50 (ms) | p99 (ms) |" in markdown
-    assert "| txoutbox | 3000 | 4.50 | 11.0 | 22.0 | 2.50 | 5.00 | 6.00 | 10.0 | 20.0 | 0.5 | 2.00 | 1.00 | 3.00 |" in markdown
+    assert "| max (ms) | commit p50 (ms) | commit p99 (ms) | pickup p50 (ms) |" in markdown
+    assert (
+        "| txoutbox | 3000 | 4.50 | 11.0 | 22.0 | 1.25 | 2.50 | 2.50 | 5.00 | 6.00 | 10.0 | 20.0 | 0.5 | 2.00 | 1.00 | 3.00 |"
+        in markdown
+    )
+    assert results.get("peers.txoutbox.latency.commit_p99_ms").value == pytest.approx(2.5)  # type: ignore[union-attr]
     assert "- **txoutbox** 0.2.2; RelayConfig defaults" in markdown
 
 
