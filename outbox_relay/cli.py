@@ -16,7 +16,6 @@ from pydantic_settings import BaseSettings, SettingsError
 from rich.markup import escape
 
 from clients.consumers.settings import ConsumerSettings
-from relay import migrate as migrations
 from relay.config import DatabaseSettings, InboxCleanupSettings, RelaySettings
 from relay.logs import setup_logging
 from relay.shared.config_errors import config_error_lines, remember_environment_secrets
@@ -118,6 +117,8 @@ def migrate(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Upgrade the schema (safe to run from many instances at once), print its SQL, or show its status."""
+    from relay import migrate as migrations  # Alembic and SQLAlchemy: only the commands that migrate
+
     setup_logging(log_level)
     settings = _settings(DatabaseSettings)
     if show_status:
@@ -147,6 +148,8 @@ def migrate(
 
 
 def _print_status(settings: DatabaseSettings) -> None:
+    from relay import migrate as migrations
+
     try:
         status = migrations.status(settings)
     except Exception as exc:  # one clear line for the operator, no traceback with a URL in it
@@ -210,6 +213,8 @@ def run(
 
     try:
         if migrate_first or settings.run_migrations:
+            from relay import migrate as migrations
+
             migrations.upgrade(settings, partitions=settings.partitions)
         service = RelayService(settings)
         if settings.control_addr:

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, create_engine, pool, text
 
 from relay import __version__
 from relay.config import DatabaseSettings
+from relay.schema_version import head_revision, schema_state
 from relay.shared.dburl import sqlalchemy_url
 
 log = logging.getLogger(__name__)
@@ -38,28 +39,6 @@ def alembic_config(settings: DatabaseSettings, partitions: int = 16) -> Config:
     config.attributes["schema"] = settings.schema_name
     config.attributes["partitions"] = partitions
     return config
-
-
-def head_revision() -> str:
-    script = ScriptDirectory(str(resources.files("relay") / "migrations"))
-    head = script.get_current_head()
-    assert head is not None
-    return head
-
-
-def known_revisions() -> set[str]:
-    script = ScriptDirectory(str(resources.files("relay") / "migrations"))
-    return {rev.revision for rev in script.walk_revisions()}
-
-
-def schema_state(revision: str | None) -> str:
-    """'current', 'behind' (an older revision we know, or none), or 'ahead' (a revision this
-    version does not know: a newer release migrated it, as during a rolling upgrade)."""
-    if revision == head_revision():
-        return "current"
-    if revision is None or revision in known_revisions():
-        return "behind"
-    return "ahead"
 
 
 def current_revision(connection: Connection, schema: str) -> str | None:

@@ -27,11 +27,11 @@ from relay.health import SinkHealth
 from relay.leases import LEADER
 from relay.liveness import LivenessWatcher
 from relay.maintenance import Maintenance
-from relay.migrate import head_revision, schema_state
 from relay.notifications import InsertListener
 from relay.ops_http import OpsServer, Readiness
 from relay.pauses import PauseState
 from relay.retry import Backoff, FailureBackoff, RetryPolicy
+from relay.schema_version import head_revision, schema_state
 from relay.sinks.base import Sink
 from relay.sinks.kafka import KafkaSink
 from relay.sinks.redis import RedisSink

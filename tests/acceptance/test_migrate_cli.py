@@ -23,7 +23,7 @@ from devtools.embedded import StackEndpoints, _postgres_bin_dir
 from devtools.fleet import RelayProcess, console_script, read_redis, relay_env, unique_name, wait_until
 from relay import migrate
 from relay.config import DatabaseSettings
-from relay.migrate import head_revision
+from relay.schema_version import head_revision
 from relay.shared.dburl import plain_postgres_url
 from tests.integration.test_migrations import schema_snapshot
 

@@ -24,7 +24,7 @@ import pytest
 
 from clients.control import ControlClient, ControlError
 from devtools.fleet import console_script
-from relay.migrate import head_revision
+from relay.schema_version import head_revision
 
 ADMIN_TOKEN = "admin-ctl-token-9d2e7f41c6a8"
 READ_TOKEN = "read-ctl-token-4b1a8c3e5f70"

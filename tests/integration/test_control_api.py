@@ -24,7 +24,7 @@ from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.server import ControlServer
 from devtools.fleet import wait_until
-from relay.migrate import head_revision
+from relay.schema_version import head_revision
 from tests.integration.control_server import ADMIN_TOKEN, lock_waiters, serving, start_server
 
 CALL_TIMEOUT = 20.0

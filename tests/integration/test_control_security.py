@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
 from control.server import ControlServer, ControlSettings, InsecureConfigurationError, is_loopback
-from relay.migrate import head_revision
+from relay.schema_version import head_revision
 from tests.conftest import settings_for
 from tests.pki import Pki, make_pki
 

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from relay import migrate
 from relay.config import DatabaseSettings
+from relay.schema_version import head_revision
 
 PARTITIONS = 16
 PLAIN_INSERT = (
@@ -116,7 +117,7 @@ def test_upgrade_to_head_then_downgrade_to_base_leaves_no_tables(
     name = f"t_{uuid.uuid4().hex[:12]}"
     settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=name)
     try:
-        assert migrate.upgrade(settings) == migrate.head_revision()
+        assert migrate.upgrade(settings) == head_revision()
         tables = {rel for rel, kind in _relations(db, name).items() if kind == "r"}
         assert {"outbox", "distributed_locks", "dead_letter_archive", "inbox", "alembic_version"} <= tables
         # The insert trigger's function, and the SQL API of migration 0005 (docs/sql-api.md).
@@ -130,7 +131,7 @@ def test_upgrade_to_head_then_downgrade_to_base_leaves_no_tables(
         assert db.execute(f'SELECT count(*) FROM "{name}".alembic_version').fetchone() == (0,)
         assert _functions(db, name) == []
         # And head can be reached again from there.
-        assert migrate.upgrade(settings) == migrate.head_revision()
+        assert migrate.upgrade(settings) == head_revision()
         assert "outbox" in _relations(db, name)
     finally:
         db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
@@ -138,9 +139,9 @@ def test_upgrade_to_head_then_downgrade_to_base_leaves_no_tables(
 
 def test_upgrade_is_a_no_op_at_head(database_url: str, schema: str, db: psycopg.Connection) -> None:
     settings = DatabaseSettings(database_url=SecretStr(database_url), schema_name=schema)
-    assert migrate.upgrade(settings) == migrate.head_revision()
+    assert migrate.upgrade(settings) == head_revision()
     assert db.execute(f'SELECT version_num FROM "{schema}".alembic_version').fetchall() == [
-        (migrate.head_revision(),)
+        (head_revision(),)
     ]
 
 
@@ -295,7 +296,7 @@ def test_instance_health_is_an_additive_column_that_downgrades_away(
         assert migrate.downgrade(settings, "0002") == "0002"
         assert _columns(db, name, "relay_instances") == before
         assert db.execute(f"SELECT instance_id FROM {name}.relay_instances").fetchall() == [("old-relay",)]
-        assert migrate.upgrade(settings) == migrate.head_revision()
+        assert migrate.upgrade(settings) == head_revision()
     finally:
         db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
@@ -352,7 +353,7 @@ def test_the_sql_of_a_migration_is_not_applied_twice(
     before = schema_snapshot(db, schema)
     with pytest.raises(
         errors.RaiseException,
-        match=f"is at revision {migrate.head_revision()}, this migration starts from none",
+        match=f"is at revision {head_revision()}, this migration starts from none",
     ):
         _apply_sql(database_url, migrate.offline_sql(settings))
     with pytest.raises(errors.RaiseException, match=f"this migration starts from {_revisions()[0]}"):
@@ -385,6 +386,6 @@ def test_audit_identity_and_rate_buckets_are_additive_and_downgrade_away(
         assert migrate.downgrade(settings, "0003") == "0003"
         assert _columns(db, name, "audit_log") == before
         assert "rate_buckets" not in _relations(db, name)
-        assert migrate.upgrade(settings) == migrate.head_revision()
+        assert migrate.upgrade(settings) == head_revision()
     finally:
         db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
