@@ -20,12 +20,14 @@ import pytest
 import yaml
 
 from outbox_relay.cli import app as relay_app
+from relay.schema_version import head_revision
 from relay.shared.version import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "relay", "control", "clients", "outbox_relay")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
+MIGRATION_SCRIPTS = sorted((ROOT / "relay" / "migrations" / "versions").glob("*.py"))
 EXTRAS = {"control", "cli", "relay", "consumer", "otlp", "all", "embedded", "bench", "dev"}
 IMAGE_UID = 10001
 
@@ -82,6 +84,8 @@ def test_wheel_metadata(wheel: Path) -> None:
     assert "outboxctl = clients.console:main" in entry_points
     assert not [name for name in names if name.startswith(("devtools/", "tests/", "bench/"))]
     assert "relay/sql/queries.sql" in names and "control/queries.sql" in names
+    # A running relay reads the shipped revisions from these scripts (relay.schema_version).
+    assert MIGRATION_SCRIPTS and {f"relay/migrations/versions/{p.name}" for p in MIGRATION_SCRIPTS} <= set(names)
 
 
 def test_the_base_install_writes_events_and_names_the_extra_a_command_needs(wheel: Path, tmp_path: Path) -> None:
@@ -102,6 +106,9 @@ def test_the_base_install_writes_events_and_names_the_extra_a_command_needs(whee
 
     writer = run(str(python), "-c", "from clients import enqueue, aenqueue, enqueue_many, OutboxEvent, lease, lease_sync")
     assert writer.returncode == 0, writer.stderr
+
+    revision = run(str(python), "-c", "from relay.schema_version import head_revision; print(head_revision())")
+    assert (revision.returncode, revision.stdout.strip()) == (0, head_revision()), revision
 
     for argv, extra in (((str(venv / "bin" / "outbox-relay"), "run"), "relay"), ((str(venv / "bin" / "outboxctl"), "status"), "cli")):
         result = run(*argv)
