@@ -51,7 +51,7 @@ from clients.control import (
     Unavailable,
     parse_event_ref,
 )
-from relay.shared.config_errors import remember_environment_secrets
+from relay.shared.environment_secrets import remember_environment_secrets
 from relay.shared.redaction import redact
 from relay.shared.version import __version__
 

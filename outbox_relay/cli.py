@@ -18,7 +18,8 @@ from rich.markup import escape
 from clients.consumers.settings import ConsumerSettings
 from relay.config import DatabaseSettings, InboxCleanupSettings, RelaySettings
 from relay.logs import setup_logging
-from relay.shared.config_errors import config_error_lines, remember_environment_secrets
+from relay.shared.config_errors import config_error_lines
+from relay.shared.environment_secrets import remember_environment_secrets
 from relay.shared.redaction import redact
 from relay.shared.version import __version__
 

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from control.server import ControlSettings
 from relay.config import DatabaseSettings, RelaySettings
-from relay.shared.config_errors import config_error_lines, remember_environment_secrets
+from relay.shared.config_errors import config_error_lines
+from relay.shared.environment_secrets import remember_environment_secrets
 from relay.shared.redaction import forget_secrets, redact, remember_secret
 
 

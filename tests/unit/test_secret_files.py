@@ -16,7 +16,8 @@ from clients.control.errors import InvalidArgument
 from control.auth import ADMIN, READER, AuthInterceptor, Unauthenticated, client_identity, load_tokens
 from control.server import ControlSettings
 from relay.config import DatabaseSettings, RelaySettings
-from relay.shared.config_errors import config_error_lines, remember_environment_secrets
+from relay.shared.config_errors import config_error_lines
+from relay.shared.environment_secrets import remember_environment_secrets
 from relay.shared.redaction import forget_secrets, redact
 
 DB_URL = "postgresql://app:pw-from-file-71c2@db:5432/app"
