@@ -10,7 +10,10 @@ import ast
 import functools
 from dataclasses import dataclass
 from importlib import resources
-from importlib.abc import Traversable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class RevisionHistoryError(RuntimeError):
