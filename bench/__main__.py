@@ -60,6 +60,7 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
     from bench import scenarios as sc
     from bench.peers.scenario import run_peers
     from bench.stack import Servers, machine_cpu, own_cpu, server_version
+    from bench.startup import run_startup
 
     machine0, own0, began = machine_cpu(), own_cpu(), time.monotonic()
     probe = SpeedProbe()
@@ -87,6 +88,7 @@ async def run(plan: Plan, scenarios: tuple[str, ...], results: Results) -> None:
             ("memory", lambda: sc.run_memory(servers, plan, results)),
             ("memory_large", lambda: sc.run_memory_large(servers, plan, results)),
             ("dbcost", lambda: sc.run_dbcost(servers, plan, results)),
+            ("startup", lambda: run_startup(servers, plan, results)),
             (PEERS, lambda: run_peers(servers, plan, results)),
         ]
         for name, step in steps:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCENARIOS = ("ceilings", "drain", "latency", "keepup", "memory", "memory_large", "dbcost")
+SCENARIOS = ("ceilings", "drain", "latency", "keepup", "memory", "memory_large", "dbcost", "startup")
 # Not part of a default run (it installs the peers into their own venv): --peers or --only peers.
 PEERS = "peers"
 
@@ -34,6 +34,7 @@ class Plan:
     peers_rate: int = 500  # single-event commits/s in the peers' latency runs
     peers_latency_seconds: float = 20.0
     peers_timeout: float = 600.0  # seconds the consumer waits for a drain's last event
+    startup_starts: int = 5  # relay starts (and raw client starts) per repetition
 
     @classmethod
     def full(cls, reps: int = 3) -> Plan:
@@ -55,6 +56,7 @@ class Plan:
             peers_backlog=5_000,
             peers_latency_seconds=5.0,
             peers_timeout=180.0,
+            startup_starts=2,
         )
 
     @property
@@ -74,6 +76,7 @@ def needed_ceilings(scenarios: tuple[str, ...]) -> set[str]:
         "memory_large": set(),
         "dbcost": set(),
         "latency": set(),
+        "startup": set(),
         PEERS: set(),
     }
     out: set[str] = set()

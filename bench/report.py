@@ -21,6 +21,7 @@ SECTIONS = {
     "memory_large": "4b. Memory with large events (the byte budgets)",
     "dbcost": "5. Database cost",
     "peers": "6. Other outbox relays, same workload, same run",
+    "startup": "7. Start-up of one relay process",
 }
 # The side-by-side table of the peers section: (column title, figure suffix after `peers.<relay>.`).
 PEER_COLUMNS = (

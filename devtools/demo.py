@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import random
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from clients.consumers import ConsumerSettings, KafkaInboxConsumer, kafka_subscr
 from clients.inbox import AsyncInbox, InboxMessage, InboxOutcome, InboxResult
 from clients.writer import OutboxEvent, aenqueue_many
 from control.server import ControlServer, ControlSettings
-from devtools.embedded import EmbeddedStack
+from devtools.embedded import EmbeddedStack, free_port
 from relay import migrate
 from relay.config import RelaySettings
 from relay.service import RelayService
@@ -55,11 +54,6 @@ class Progress:
     def published(self) -> int:
         return self.written - self.pending - self.dead_letters
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def relay_settings(

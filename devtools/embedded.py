@@ -147,6 +147,11 @@ class _RunAs:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a server a test or tool starts next)."""
+    return _free_ports(1)[0]
+
+
 def _free_ports(count: int) -> list[int]:
     # All sockets stay bound until every port is read, so the kernel cannot hand out one port twice.
     with contextlib.ExitStack() as sockets:

@@ -45,7 +45,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -63,7 +62,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from clients.writer import OutboxEvent, aenqueue_many
-from devtools.embedded import EmbeddedStack, StackEndpoints, external_or_embedded
+from devtools.embedded import EmbeddedStack, StackEndpoints, external_or_embedded, free_port
 from devtools.fleet import (
     Fleet,
     FleetError,
@@ -143,11 +142,6 @@ class SoakConfig:
 
 # -- small helpers ---------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def with_query(url: str, name: str, value: str) -> str:

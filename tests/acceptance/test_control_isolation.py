@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import pytest
 
 from control._generated.outbox.control.v1 import control_pb2 as pb
 from control._generated.outbox.control.v1 import control_pb2_grpc as pb_grpc
-from devtools.embedded import StackEndpoints
+from devtools.embedded import StackEndpoints, free_port
 from devtools.fleet import Fleet, relay_logs, wait_until
 
 pytestmark = pytest.mark.slow
@@ -32,11 +31,6 @@ STORM_SECONDS = 20.0
 CALL_TIMEOUT = 5.0
 PARTITIONS = 16
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def insert_backlog(conn: asyncpg.Connection, schema: str, streams: list[str], rows: int) -> None:

@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from clients.consumers import ConsumerSettings, RedisInboxConsumer
 from clients.inbox import AsyncInbox, InboxMessage
-from devtools.embedded import StackEndpoints
+from devtools.embedded import StackEndpoints, free_port
 from devtools.fleet import unique_name, wait_until
 from tests.consumer_handlers import effects_table_sql, record, record_sync
 from tests.integration.test_consumer_kafka import _exists, consume_process
@@ -281,16 +281,13 @@ async def test_the_consume_command_serves_processed_and_duplicate_counts_on_metr
     stack: StackEndpoints, schema: str, pg: asyncpg.Connection, effects: str, client: aioredis.Redis,
     tmp_path: Path,
 ) -> None:
-    import socket
     import urllib.request
 
     stream, group = unique_name("cs."), unique_name("g")
     message_id = str(uuid.uuid4())
     for _ in range(3):  # once, and redelivered twice
         await client.xadd(stream, fields(message_id, "k"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {"CONSUMER_TEST_TABLE": effects, "OUTBOX_METRICS_ADDR": f"127.0.0.1:{port}"}
     process = consume_process(stack, schema, group, stream, env, tmp_path / "consumer.log",
                               "--redis", stream, "tests.consumer_handlers:record")

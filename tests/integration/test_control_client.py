@@ -41,6 +41,7 @@ from clients.control import (
     Status,
 )
 from control.server import ControlServer
+from devtools.embedded import free_port
 from tests.integration.control_server import ADMIN_TOKEN, READ_TOKEN, serving, start_server
 from tests.pki import Pki, make_pki
 
@@ -163,12 +164,6 @@ async def outbox_count(pg: asyncpg.Connection, schema: str) -> int:
     count: int = await pg.fetchval(f'SELECT count(*) FROM "{schema}".outbox')
     return count
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def assert_aware(*values: datetime | None) -> None:
