@@ -366,7 +366,8 @@ async def wait_for_database(
                 ) from None
             log.warning("database not reachable (%s); retrying in %.1fs", problem, min(delay, left))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(delay, left))
+            async with asyncio.timeout(min(delay, left)):  # not wait_for: see relay.supervision
+                await stop.wait()
         if stop.is_set():
             return None
         delay = min(delay * 2, _WAIT_MAX)

@@ -79,7 +79,8 @@ class InsertListener:
         # A silent half-open TCP connection never terminates by itself: probe it.
         while not self._lost.is_set():
             try:
-                await asyncio.wait_for(self._lost.wait(), timeout=5.0)
+                async with asyncio.timeout(5.0):  # not wait_for: on 3.11 it can swallow a stop
+                    await self._lost.wait()
             except TimeoutError:
                 await conn.execute("SELECT 1", timeout=5.0)
         raise ConnectionResetError("listen connection terminated")

@@ -133,8 +133,10 @@ class SupervisedTask:
             if failure is None:
                 self._succeeded()
                 assert self._interval is not None
+                # Not asyncio.wait_for: on Python 3.11 it swallows a stop() that lands as poke() wakes it.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._until_next(started))
+                    async with asyncio.timeout(self._until_next(started)):
+                        await self._wake.wait()
                 continue
             delay = self._failed(failure, time.monotonic() - started)
             if delay is None:

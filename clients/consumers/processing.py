@@ -52,7 +52,8 @@ async def wait_or_abandon(abandon: asyncio.Event, seconds: float) -> bool:
     if abandon.is_set():
         return True
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(abandon.wait(), seconds)
+        async with asyncio.timeout(seconds):  # not wait_for: on 3.11 it can swallow a cancellation
+            await abandon.wait()
     return abandon.is_set()
 
 

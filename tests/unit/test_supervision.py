@@ -187,6 +187,29 @@ async def test_a_ticker_runs_every_interval_and_when_poked() -> None:
     await task.stop()
 
 
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+async def test_a_ticker_poked_as_it_is_stopped_still_stops(turns: int) -> None:
+    """On Python 3.11, asyncio.wait_for returns the awaited result instead of raising when the
+    cancellation arrives as that result does, so a ticker woken by a poke in the same turns as its
+    stop() would swallow the cancel and tick on forever (a relay's shutdown hung on it)."""
+    h = Harness()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    task = h.supervisor.run_every("ticker", 60.0, tick)
+    task.start()
+    await eventually(lambda: ticks == 1)
+    await asyncio.sleep(0.01)  # waiting for the interval or a poke
+    task.poke()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(task.stop(), 2.0)
+    assert not task.running
+
+
 class SkewedClock:
     """time.monotonic plus what the test adds: a step that "takes" seconds without sleeping them."""
 
