@@ -78,6 +78,9 @@ class SupervisedTask:
         self._healthy_after = healthy_after
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Set by stop() before it cancels: the loop ends at its next turn even if a library swallowed
+        # the cancellation inside the step (asyncio.wait_for on Python 3.11 can).
+        self._stop_requested = False
         self.failing_since: float | None = None  # first broken failure since the last success
         self.last_error: BaseException | None = None  # cleared by the next success
         self.gave_up = False
@@ -91,6 +94,7 @@ class SupervisedTask:
         if self.running:
             return
         self.failing_since, self.last_error, self.gave_up = None, None, False
+        self._stop_requested = False
         self._backoff.succeeded()
         self._wake.clear()
         self._task = asyncio.create_task(self._run(), name=self.name)
@@ -105,6 +109,7 @@ class SupervisedTask:
         task = self._task
         if task is None:
             return
+        self._stop_requested = True
         task.cancel()
         if task is not asyncio.current_task():
             await asyncio.wait([task])
@@ -114,7 +119,7 @@ class SupervisedTask:
     # -- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop_requested:
             self._wake.clear()
             started = time.monotonic()
             failure: BaseException | None = None
@@ -130,6 +135,8 @@ class SupervisedTask:
             else:
                 if self._interval is None:
                     failure = ReturnedUnexpectedly(f"{self.name} returned unexpectedly")
+            if self._stop_requested:
+                return  # the step ended (or failed) because it was stopped
             if failure is None:
                 self._succeeded()
                 assert self._interval is not None
@@ -188,7 +195,7 @@ class SupervisedTask:
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         """The loop ends only when stopped or after giving up; anything else is a bug here."""
-        if task.cancelled() or self.gave_up:
+        if task.cancelled() or self.gave_up or self._stop_requested:
             return
         exc = task.exception() or ReturnedUnexpectedly(f"{self.name} ended unexpectedly")
         log.error("supervised task %s ended unexpectedly", self.name, exc_info=exc)

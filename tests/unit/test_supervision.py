@@ -5,6 +5,7 @@ stop, and cancellation as a clean stop. Plus how the relay's `run` turns a give-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -208,6 +209,34 @@ async def test_a_ticker_poked_as_it_is_stopped_still_stops(turns: int) -> None:
         await asyncio.sleep(0)
     await asyncio.wait_for(task.stop(), 2.0)
     assert not task.running
+
+
+@pytest.mark.parametrize("interval", [60.0, None])
+async def test_a_step_that_swallows_the_stop_still_stops_without_a_failure(
+    interval: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A library that turns the stop's cancellation into a normal return (asyncio.wait_for on 3.11,
+    around any awaited call) must not keep the task alive, nor make it look failed."""
+    h = Harness(give_up_after=0.0)
+    entered = asyncio.Event()
+
+    async def swallowing() -> None:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+
+    task = (
+        h.supervisor.run_every("swallowing", interval, swallowing)
+        if interval is not None
+        else h.supervisor.supervise("swallowing", swallowing)
+    )
+    task.start()
+    await entered.wait()
+    with caplog.at_level(logging.ERROR, logger="relay.supervision"):
+        await asyncio.wait_for(task.stop(), 2.0)
+    assert not task.running
+    assert h.gave_up == [] and h.metrics.restarts == Counter()
+    assert not caplog.records, caplog.text
 
 
 class SkewedClock:
