@@ -10,12 +10,13 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 
 from relay.retry import FailureBackoff
-from relay.supervision import Supervisor
+from relay.supervision import SupervisedTask, Supervisor
 
 FAST = FailureBackoff(0.01, 0.02)
 
@@ -170,21 +171,26 @@ async def test_a_success_resets_the_failure_streak() -> None:
     assert h.metrics.restarts["alternating"] >= 5
 
 
-async def test_a_ticker_runs_every_interval_and_when_poked() -> None:
-    h = Harness()
+async def ticking(interval: float) -> tuple[SupervisedTask, Callable[[], int]]:
+    """A started ticker that counts its rounds, after its first round."""
     ticks = 0
 
     async def tick() -> None:
         nonlocal ticks
         ticks += 1
 
-    task = h.supervisor.run_every("ticker", 10.0, tick)
+    task = Harness().supervisor.run_every("ticker", interval, tick)
     task.start()
     await eventually(lambda: ticks == 1)
+    return task, lambda: ticks
+
+
+async def test_a_ticker_runs_every_interval_and_when_poked() -> None:
+    task, ticks = await ticking(10.0)
     await asyncio.sleep(0.05)
-    assert ticks == 1, "the next tick waits for the interval"
+    assert ticks() == 1, "the next tick waits for the interval"
     task.poke()
-    await eventually(lambda: ticks == 2)
+    await eventually(lambda: ticks() == 2)
     await task.stop()
 
 
@@ -193,16 +199,7 @@ async def test_a_ticker_poked_as_it_is_stopped_still_stops(turns: int) -> None:
     """On Python 3.11, asyncio.wait_for returns the awaited result instead of raising when the
     cancellation arrives as that result does, so a ticker woken by a poke in the same turns as its
     stop() would swallow the cancel and tick on forever (a relay's shutdown hung on it)."""
-    h = Harness()
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        ticks += 1
-
-    task = h.supervisor.run_every("ticker", 60.0, tick)
-    task.start()
-    await eventually(lambda: ticks == 1)
+    task, _ = await ticking(60.0)
     await asyncio.sleep(0.01)  # waiting for the interval or a poke
     task.poke()
     for _ in range(turns):
