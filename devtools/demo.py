@@ -55,7 +55,6 @@ class Progress:
         return self.written - self.pending - self.dead_letters
 
 
-
 def relay_settings(
     stack_urls: tuple[str, str, str], instance: int, control_addr: str | None = None
 ) -> RelaySettings:

@@ -143,7 +143,6 @@ class SoakConfig:
 # -- small helpers ---------------------------------------------------------------------------------
 
 
-
 def with_query(url: str, name: str, value: str) -> str:
     parts = urlsplit(url)
     query = [*parse_qsl(parts.query), (name, value)]

@@ -76,10 +76,6 @@ def head_revision() -> str:
     return shipped_revisions().head
 
 
-def known_revisions() -> frozenset[str]:
-    return shipped_revisions().known
-
-
 def schema_state(revision: str | None) -> str:
     """`Revisions.state` for the scripts this version ships."""
     return shipped_revisions().state(revision)
